@@ -1,0 +1,1 @@
+"""veil.crypto: the fenced cryptography package (randomness, AEAD, HE, sharing, conversions, PSI)."""
