@@ -11,7 +11,7 @@ import secrets
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["random_below", "random_bits", "random_bytes", "random_u64", "random_int_array"]
+__all__ = ["random_below", "random_bits", "random_bytes", "random_int_array", "random_u64"]
 
 
 def random_bytes(n: int) -> bytes:
