@@ -101,9 +101,7 @@ def as_u64(x: Any) -> U64:
         return np.asarray(int(x) % (1 << 64), dtype=np.uint64)
     if isinstance(x, (list, tuple)):
         try:
-            return np.asarray([int(v) % (1 << 64) for v in _flatten(x)], dtype=np.uint64).reshape(
-                np.shape(x)
-            )
+            return np.asarray([int(v) % (1 << 64) for v in _flatten(x)], dtype=np.uint64).reshape(np.shape(x))
         except (TypeError, ValueError) as exc:
             raise InputError(f"expected integers for ring elements: {exc}") from exc
     raise InputError(f"expected ring elements (uint64 array), got {type(x).__name__}")
