@@ -39,7 +39,9 @@ class ServerAdapter(Protocol):
 
     def trainable_parameters(self) -> list[nn.Parameter]: ...
 
-    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor: ...
+    def logits(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor: ...
 
     def adapter_state(self) -> dict[str, torch.Tensor]: ...
 
@@ -59,7 +61,9 @@ def _load_named(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor],
         for name, p in params.items():
             t = state[name]
             if t.shape != p.shape:
-                raise InputError(f"{what} tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                raise InputError(
+                    f"{what} tensor {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
+                )
             p.copy_(t.to(p.dtype))
 
 
@@ -91,7 +95,9 @@ class LoRAAdapter:
         )
         part.requires_grad_(False)
         if len(part.layers) == 0:
-            raise ConfigError("the server part has no decoder layers to adapt (cut layer == number of layers)")
+            raise ConfigError(
+                "the server part has no decoder layers to adapt (cut layer == number of layers)"
+            )
         inject_adapter_in_model(self.config, part.layers)
         self._params: dict[str, nn.Parameter] = {}
         for name, p in part.named_parameters():
@@ -104,7 +110,9 @@ class LoRAAdapter:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self._params.values())
 
-    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         return self.part(hidden, attention_mask, position_ids)  # type: ignore[no-any-return]
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -140,9 +148,10 @@ class LoRAAdapter:
         merged_prefixes: set[str] = set()
         for mname, mod in self.part.named_modules():
             if isinstance(mod, LoraLayer):
-                base = mod.get_base_layer()
+                lmod: Any = mod
+                base: Any = lmod.get_base_layer()
                 with torch.no_grad():
-                    w = base.weight.detach() + mod.get_delta_weight("default").detach()
+                    w = base.weight.detach() + lmod.get_delta_weight("default").detach()
                 out[self.part.full_model_key(f"{mname}.weight")] = w.clone().contiguous()
                 if getattr(base, "bias", None) is not None:
                     out[self.part.full_model_key(f"{mname}.bias")] = base.bias.detach().clone()
@@ -203,7 +212,9 @@ class PrefixAdapter:
                 cache.update(k, v, i)
         return cache
 
-    def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         b = hidden.shape[0]
         ones = torch.ones(b, self.num_virtual_tokens, dtype=attention_mask.dtype)
         mask = torch.cat([ones, attention_mask], dim=1)
@@ -219,18 +230,21 @@ class PrefixAdapter:
 
     def export_adapter(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         out = {
-            f"prefix.layers.{k.replace('_', '.')}": v.detach().clone().contiguous() for k, v in self.prefix.items()
+            f"prefix.layers.{k.replace('_', '.')}": v.detach().clone().contiguous()
+            for k, v in self.prefix.items()
         }
         cfg = {
             "peft_type": "VEIL_PTUNING_V2",
             "num_virtual_tokens": self.num_virtual_tokens,
             "layers": self.part.layer_indices(),
-            "layout": "per layer: key/value of shape (num_kv_heads, num_virtual_tokens, head_dim), post-rotary",
+            "layout": "per layer: key/value (num_kv_heads, num_virtual_tokens, head_dim), post-rotary",
         }
         return out, cfg
 
     def export_merged(self) -> dict[str, torch.Tensor]:
-        raise ConfigError("P-tuning v2 prefixes cannot be merged into the weights; export with --adapter-only")
+        raise ConfigError(
+            "P-tuning v2 prefixes cannot be merged into the weights; export with --adapter-only"
+        )
 
 
 def make_adapter(part: ServerPart, kind: str, **options: Any) -> ServerAdapter:

@@ -51,10 +51,15 @@ class Activations:
     position_ids: torch.Tensor  # (B, T) int64
 
 
-def model_family(model: nn.Module) -> Family:
+def model_family(model: Any) -> Family:
     """``"llama"`` for Llama/Qwen2/Mistral-like decoders, ``"gpt2"`` for GPT-2; else ConfigError."""
     base = getattr(model, "model", None)
-    if base is not None and hasattr(base, "layers") and hasattr(base, "rotary_emb") and hasattr(model, "lm_head"):
+    if (
+        base is not None
+        and hasattr(base, "layers")
+        and hasattr(base, "rotary_emb")
+        and hasattr(model, "lm_head")
+    ):
         return "llama"
     tr = getattr(model, "transformer", None)
     if tr is not None and hasattr(tr, "h") and hasattr(tr, "wpe") and hasattr(model, "lm_head"):
@@ -66,18 +71,18 @@ def model_family(model: nn.Module) -> Family:
     )
 
 
-def _layers(model: nn.Module) -> nn.ModuleList:
+def _layers(model: Any) -> nn.ModuleList:
     fam = model_family(model)
     layers = model.model.layers if fam == "llama" else model.transformer.h
     return layers  # type: ignore[no-any-return]
 
 
-def num_layers(model: nn.Module) -> int:
+def num_layers(model: Any) -> int:
     """Number of decoder layers of ``model``."""
     return len(_layers(model))
 
 
-def _check_cut(model: nn.Module, k: int) -> int:
+def _check_cut(model: Any, k: int) -> int:
     n = num_layers(model)
     if not isinstance(k, int) or k < 0 or k > n:
         raise ConfigError(f"cut layer must be an integer in [0, {n}] for this {n}-layer model, got {k!r}")
@@ -86,7 +91,9 @@ def _check_cut(model: nn.Module, k: int) -> int:
 
 def _mask_kind(config: Any, layer_idx: int) -> str:
     if getattr(config, "model_type", "") == "mistral":
-        return "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+        return (
+            "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+        )
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
         return str(layer_types[layer_idx])
@@ -148,11 +155,11 @@ def default_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 class ClientPart(nn.Module):
     """Embeddings + decoder layers ``0..k-1`` (frozen; runs at the data owner)."""
 
-    def __init__(self, model: nn.Module, k: int, *, copy_modules: bool = True) -> None:
+    def __init__(self, model: Any, k: int, *, copy_modules: bool = True) -> None:
         super().__init__()
         n = _check_cut(model, k)
         self.family: Family = model_family(model)
-        self.config = model.config
+        self.config: Any = model.config
         self.cut_layer = k
         self.total_layers = n
         self.context_length = _context_length(model.config)
@@ -203,7 +210,12 @@ class ClientPart(nn.Module):
             else:
                 for i in range(self.cut_layer):
                     hidden = self.layers[str(i)](
-                        hidden, None, masks["full_attention"], None, use_cache=False, position_ids=position_ids
+                        hidden,
+                        None,
+                        masks["full_attention"],
+                        None,
+                        use_cache=False,
+                        position_ids=position_ids,
                     )
         return Activations(hidden, attention_mask, position_ids)
 
@@ -215,11 +227,11 @@ class ServerPart(nn.Module):
     weights map one-to-one onto the unsplit model.
     """
 
-    def __init__(self, model: nn.Module, k: int, *, copy_modules: bool = True) -> None:
+    def __init__(self, model: Any, k: int, *, copy_modules: bool = True) -> None:
         super().__init__()
         n = _check_cut(model, k)
         self.family: Family = model_family(model)
-        self.config = model.config
+        self.config: Any = model.config
         self.cut_layer = k
         self.total_layers = n
         cp = copy.deepcopy if copy_modules else (lambda m: m)
@@ -268,7 +280,12 @@ class ServerPart(nn.Module):
         else:
             for i in idx:
                 h = self.layers[str(i)](
-                    h, cache, masks["full_attention"], None, use_cache=cache is not None, position_ids=position_ids
+                    h,
+                    cache,
+                    masks["full_attention"],
+                    None,
+                    use_cache=cache is not None,
+                    position_ids=position_ids,
                 )
         return self.norm(h)  # type: ignore[no-any-return]
 
@@ -280,7 +297,9 @@ class ServerPart(nn.Module):
         cache: Any = None,
         mask_attention: torch.Tensor | None = None,
     ) -> torch.Tensor:  # type: ignore[override]
-        h = self.hidden(hidden_states, attention_mask, position_ids, cache=cache, mask_attention=mask_attention)
+        h = self.hidden(
+            hidden_states, attention_mask, position_ids, cache=cache, mask_attention=mask_attention
+        )
         return self.lm_head(h)  # type: ignore[no-any-return]
 
     def full_model_key(self, key: str) -> str:
@@ -295,12 +314,12 @@ class ServerPart(nn.Module):
         return key
 
 
-def client_part(model: nn.Module, k: int, *, copy_modules: bool = True) -> ClientPart:
+def client_part(model: Any, k: int, *, copy_modules: bool = True) -> ClientPart:
     """Embeddings and the first ``k`` decoder layers of ``model`` (frozen)."""
     return ClientPart(model, k, copy_modules=copy_modules)
 
 
-def server_part(model: nn.Module, k: int, *, copy_modules: bool = True) -> ServerPart:
+def server_part(model: Any, k: int, *, copy_modules: bool = True) -> ServerPart:
     """Decoder layers ``k..L-1``, final norm and LM head of ``model``."""
     part = ServerPart(model, k, copy_modules=copy_modules)
     log.debug("server part: layers %d..%d of %s", k, part.total_layers - 1, part.family)
