@@ -1,0 +1,1 @@
+"""The three-act demo of veil (``veil demo``): secure XGBoost, split fine-tuning, confidential serving."""
