@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable
@@ -39,7 +40,9 @@ def fluid_p99(rate: float, placement: dict[str, int], pressure: dict[str, float]
     return min(10.0, SERVICE * math.log(100) / (1 - rho))
 
 
-def hosts_for(placement: dict[str, int], budgets: dict[str, float], tenants: dict[str, float]) -> list[HostInfo]:
+def hosts_for(
+    placement: dict[str, int], budgets: dict[str, float], tenants: dict[str, float]
+) -> list[HostInfo]:
     return [
         HostInfo(h, epc, tenants.get(h, 0.0) + ENCLAVE * placement.get(h, 0), placement.get(h, 0))
         for h, epc in budgets.items()
@@ -75,8 +78,17 @@ def run(
         # Little's law with the M/M/1 mean (p99 / ln 100): in-flight requests grow with the queue
         concurrency = rate * p99 / math.log(100)
         cpu = min(1.0, rate * SERVICE / max(n, 1))
-        samples.append(Sample(t, rate, p99, concurrency=concurrency, service_time_s=SERVICE,
-                              cpu_utilization=cpu, ready_replicas=n))
+        samples.append(
+            Sample(
+                t,
+                rate,
+                p99,
+                concurrency=concurrency,
+                service_time_s=SERVICE,
+                cpu_utilization=cpu,
+                ready_replicas=n,
+            )
+        )
         window = MetricsWindow(samples[-40:], hosts)
         d = policy.decide(window, state, t)
         state = d.state
@@ -88,7 +100,7 @@ def run(
 
 def changes(trace: list[tuple[float, int, float, dict[str, int]]], after: float = 0.0) -> int:
     reps = [r for t, r, _, _ in trace if t >= after]
-    return sum(1 for a, b in zip(reps, reps[1:]) if a != b)
+    return sum(1 for a, b in itertools.pairwise(reps) if a != b)
 
 
 def test_scales_up_on_paging_before_slo_breaks() -> None:
@@ -145,8 +157,13 @@ def test_spike_slo_policy_keeps_slo() -> None:
 
 @pytest.mark.parametrize("policy", [SloAutoscaler(SloConfig(enclave_mb=ENCLAVE)), ConcurrencyAutoscaler()])
 def test_no_flapping_on_noise(policy: SloAutoscaler | ConcurrencyAutoscaler) -> None:
-    trace = run(policy, lambda t: 30.0, duration=900, noise=random.Random(3),
-                budgets={f"h{i}": 200.0 for i in range(3)})
+    trace = run(
+        policy,
+        lambda t: 30.0,
+        duration=900,
+        noise=random.Random(3),
+        budgets={f"h{i}": 200.0 for i in range(3)},
+    )
     assert changes(trace, after=200) <= 1, [r for _, r, _, _ in trace]
 
 

@@ -60,7 +60,9 @@ def test_delay_is_capped_and_cached(tmp_path: Path) -> None:
 
 
 def test_dead_process_entries_are_pruned(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid = int(proc.stdout)
     SimulatedEpcHost(tmp_path, "h", "ghost", 500, epc_mb=100, pid=dead_pid)
     live = SimulatedEpcHost(tmp_path, "h", "live", 10, epc_mb=100, cache_s=0)

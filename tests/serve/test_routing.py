@@ -23,8 +23,10 @@ REQ = RequestInfo(model="m")
 
 
 def reps(*specs: tuple[str, int, float]) -> list[Replica]:
-    return [Replica(id=i, url=f"http://127.0.0.1:{9000 + n}", host=f"h{n}", outstanding=o, epc_pressure=p)
-            for n, (i, o, p) in enumerate(specs)]
+    return [
+        Replica(id=i, url=f"http://127.0.0.1:{9000 + n}", host=f"h{n}", outstanding=o, epc_pressure=p)
+        for n, (i, o, p) in enumerate(specs)
+    ]
 
 
 def test_round_robin_cycles_in_id_order_and_skips_unhealthy() -> None:
@@ -82,8 +84,11 @@ def test_epc_aware_uses_latency_estimates_and_hard_pressure() -> None:
 
 
 def test_model_filter_draining_and_no_replica() -> None:
-    rs = [Replica(id="a", url="u", models=frozenset({"x"})), Replica(id="b", url="u", draining=True),
-          Replica(id="c", url="u", models=frozenset({"m"}))]
+    rs = [
+        Replica(id="a", url="u", models=frozenset({"x"})),
+        Replica(id="b", url="u", draining=True),
+        Replica(id="c", url="u", models=frozenset({"m"})),
+    ]
     for name in policy_names():
         pol = get_policy(name)
         assert isinstance(pol, RoutingPolicy)
