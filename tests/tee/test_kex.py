@@ -21,8 +21,12 @@ from veil.tee.simulated import platform_public_key
 
 def _setup(clock, **kw):
     enc = SimulatedEnclave(code=[b"server"], config={}, clock=clock)
-    pol = Policy(allowed_measurements={enc.measurement}, allow_simulated=True,
-                 simulated_platform_keys={platform_public_key().hex()}, **kw)
+    pol = Policy(
+        allowed_measurements={enc.measurement},
+        allow_simulated=True,
+        simulated_platform_keys={platform_public_key().hex()},
+        **kw,
+    )
     return enc, Verifier(pol, clock=clock)
 
 
@@ -78,8 +82,10 @@ def test_kex_wrong_measurement_and_stale(clock) -> None:
     enc, _ = _setup(clock)
     nonce = new_nonce()
     offer = EnclaveKeyExchange(enc).offer(nonce)
-    v = Verifier(Policy(allowed_measurements={"00" * 32}, allow_simulated=True,
-                        trust_any_simulated_platform=True), clock=clock)
+    v = Verifier(
+        Policy(allowed_measurements={"00" * 32}, allow_simulated=True, trust_any_simulated_platform=True),
+        clock=clock,
+    )
     with pytest.raises(AttestationError, match="check 'measurement'"):
         client_key_exchange(offer, v, nonce)
     _, verifier = _setup(clock, max_age_s=10)

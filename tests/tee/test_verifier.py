@@ -46,8 +46,9 @@ def test_untrusted_platform_key(enclave, clock) -> None:
     with pytest.raises(AttestationError, match="check 'platform_key'"):
         Verifier(_policy(enclave, simulated_platform_keys={"00" * 32}), clock=clock).verify(ev)
     # explicit trust-any works
-    Verifier(_policy(enclave, simulated_platform_keys=set(), trust_any_simulated_platform=True),
-             clock=clock).verify(ev)
+    Verifier(
+        _policy(enclave, simulated_platform_keys=set(), trust_any_simulated_platform=True), clock=clock
+    ).verify(ev)
 
 
 def test_wrong_measurement(enclave, clock) -> None:

@@ -119,11 +119,19 @@ class Policy(BaseModel):
 class Verifier:
     """Checks :class:`Evidence` against a :class:`Policy`; ``clock`` is injected for tests."""
 
-    def __init__(self, policy: Policy, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        clock: Callable[[], float] = time.time,
+        collateral_provider: Callable[[bytes], bytes | str] | None = None,
+    ) -> None:
+        """``collateral_provider(raw_quote)`` supplies DCAP collateral when evidence has none."""
         if not isinstance(policy, Policy):
             raise InputError("Verifier needs a veil.tee.Policy")
         self.policy = policy
         self.clock = clock
+        self.collateral_provider = collateral_provider
 
     # ------------------------------------------------------------------ public
     def verify(self, evidence: Evidence, *, report_data: bytes | None = None) -> VerifiedClaims:
@@ -141,7 +149,9 @@ class Verifier:
         elif evidence.backend in ("sgx-dcap", "tdx-dcap"):
             from veil.tee.dcap.verify import verify_dcap_evidence
 
-            claims = verify_dcap_evidence(evidence, self.policy, now=self.clock())
+            claims = verify_dcap_evidence(
+                evidence, self.policy, now=float(self.clock()), collateral_provider=self.collateral_provider
+            )
         else:
             raise AttestationError(
                 f"check 'backend' failed: unknown TEE backend {evidence.backend!r} (known: {KNOWN_BACKENDS})"

@@ -120,7 +120,7 @@ def load_platform_key(home: Path | None = None) -> Ed25519PrivateKey:
     with _key_lock:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            key = Ed25519PrivateKey.generate()
+            key = Ed25519PrivateKey.from_private_bytes(random_bytes(32))
             raw = key.private_bytes(
                 serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
             )
