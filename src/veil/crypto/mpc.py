@@ -1,0 +1,703 @@
+"""Two-party secure computation over additive shares in Z_2^64 with fixed point.
+
+One :class:`MPC` object is one party's view. Every operation is vectorised over numpy arrays and
+batched: an operation on N elements costs the same number of rounds as on one element. The
+communication primitive is :meth:`MPC.exchange` (both parties send one :class:`MpcOpen` frame,
+then receive the peer's), counted by the channel's ``stats.rounds``.
+
+Protocols (semi-honest, see docs/protocols/mpc.md for the cost table and error bounds):
+
+* ``mul``: Beaver triples; fixed-point results are truncated with :meth:`MPC.trunc`.
+* ``trunc``: exact up to one ulp (result is ``floor(x / 2^s)`` or one less) for any
+  ``|x| < 2^62``: add ``2^62`` so the value is non-negative, each party shifts its own share
+  and the wrap-around bit ``w = msb(x0') OR msb(x1')`` is removed with one Beaver product
+  (1 round). No probabilistic large errors (unlike SecureML's local truncation).
+* ``ltz``: sign bit as the carry-out of ``low63(x0) + low63(x1)`` (a millionaires' circuit on
+  XOR-shared bit planes, Kogge-Stone reduction, boolean AND triples), XORed with both shares'
+  top bits, then bit-to-arithmetic with one Beaver product: 8 rounds, 189 AND gates/element.
+* ``argmax``: tournament of ``ltz`` + ``select``, log2(m) levels, shared one-hot + max.
+* ``reciprocal`` / ``div``: bit-length normalisation into [0.5, 1) with one batch of
+  comparisons against the powers of two in ``[lo, hi)``, linear initial guess, 3 Newton steps.
+* ``sigmoid``: ``1 / (1 + exp(-|x|))`` with ``exp`` by 12 squarings of ``1 - |x|/4096`` at 30
+  fractional bits, reciprocal by Newton, sign restored with one select; ``|x|`` clamped at 32.
+* :class:`PublicMatrix`: ``M^T X`` where one party holds ``M`` in plaintext; ``E = M - A`` is
+  sent once, each product costs one one-way message and local products.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from veil.comm import Channel, Message
+from veil.crypto.encoding import FixedPoint, as_u64
+from veil.crypto.mpc_ring import U8, U64, ring_matmul
+from veil.crypto.random import random_u64
+from veil.crypto.sharing import AShare
+from veil.crypto.triples import TripleSource
+from veil.errors import ConfigError, InputError, ProtocolError
+
+__all__ = ["MPC", "MpcOpen", "OneHotMatrix", "PublicMatrix"]
+
+log = logging.getLogger("veil.crypto")
+
+_ONE = np.uint64(1)
+_LOW63 = np.uint64((1 << 63) - 1)
+_S63 = np.uint64(63)
+_EXP_SQUARINGS = 12
+_SIGMOID_CLAMP = 32
+_NEWTON_STEPS = 3
+
+
+class MpcOpen(Message, frozen=True):
+    """One frame of an MPC exchange; ``seq`` must match on both sides (stage check)."""
+
+    seq: int
+    arrays: list[np.ndarray]
+
+
+class OneHotMatrix:
+    """A plaintext 0/1 matrix with one 1 per row per feature: ``bins`` (n, F) in [0, n_bins).
+
+    Column ``f * n_bins + b`` is 1 for the rows whose feature ``f`` falls in bin ``b``
+    (feature-major, like ``CiphertextArray.bucket_sums``). A bin index of ``-1`` means "no bin"
+    (e.g. a missing value): the row contributes to no column of that feature.
+    """
+
+    def __init__(self, bins: Any, n_bins: int) -> None:
+        b = np.asarray(bins)
+        if b.ndim == 1:
+            b = b[:, None]
+        if b.ndim != 2 or not np.issubdtype(b.dtype, np.integer):
+            raise InputError("OneHotMatrix needs integer bin indices of shape (n,) or (n, F)")
+        if n_bins <= 0 or (b.size and (int(b.max()) >= n_bins or int(b.min()) < -1)):
+            raise InputError(f"bin indices must lie in [-1, {n_bins})")
+        self.bins = b.astype(np.int64)
+        self.n_bins = int(n_bins)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.bins.shape[0]), int(self.bins.shape[1]) * self.n_bins)
+
+    def to_dense(self) -> U64:
+        n, k = self.shape
+        out = np.zeros((n, k), dtype=np.uint64)
+        rows = np.arange(n)
+        for f in range(self.bins.shape[1]):
+            ok = self.bins[:, f] >= 0
+            out[rows[ok], f * self.n_bins + self.bins[ok, f]] = 1
+        return out
+
+    def t_matmul(self, x: U64) -> U64:
+        """``M^T x mod 2^64`` for x of shape (n,) or (n, c), by sparse bucket sums."""
+        vec = x.ndim == 1
+        xx = x[:, None] if vec else x
+        k = self.shape[1]
+        c = xx.shape[1]
+        out = np.zeros((k, c), dtype=np.uint64)
+        for f in range(self.bins.shape[1]):
+            col = self.bins[:, f]
+            ok = col >= 0
+            idx = col[ok] + f * self.n_bins
+            np.add.at(out, idx, xx[ok])
+        return out[:, 0] if vec else out
+
+
+class MPC:
+    """One party's side of a 2-party computation over ``channel``."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        party: int,
+        triples: TripleSource,
+        fxp: FixedPoint | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        if party not in (0, 1):
+            raise ConfigError(f"party must be 0 or 1, got {party!r}")
+        if getattr(triples, "party", party) != party:
+            raise ConfigError("the triple source belongs to the other party")
+        self.channel = channel
+        self.party = party
+        self.triples = triples
+        self.fxp = fxp or FixedPoint(20)
+        self.frac = self.fxp.frac_bits
+        self.timeout = timeout
+        self._seq = 0
+        self._lock = threading.Lock()
+        self.counters: dict[str, int] = {"mul": 0, "ltz": 0, "and_gates": 0, "trunc": 0}
+
+    # ------------------------------------------------------------------ communication
+    def _next_seq(self) -> int:
+        with self._lock:
+            s = self._seq
+            self._seq += 1
+        return s
+
+    def _send(self, arrays: Sequence[np.ndarray]) -> None:
+        self.channel.send(MpcOpen(self._next_seq(), [np.ascontiguousarray(a) for a in arrays]))
+
+    def _recv(self, count: int) -> list[np.ndarray]:
+        seq = self._next_seq()
+        msg = self.channel.recv(MpcOpen, timeout=self.timeout)
+        if msg.seq != seq:
+            raise ProtocolError(f"MPC stage mismatch: peer sent step {msg.seq}, expected {seq}")
+        if len(msg.arrays) != count:
+            raise ProtocolError(f"MPC step {seq}: expected {count} arrays, got {len(msg.arrays)}")
+        return list(msg.arrays)
+
+    def exchange(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Send ``arrays`` and receive the peer's arrays of the same shapes and dtypes (1 round)."""
+        seq = self._next_seq()
+        self.channel.send(MpcOpen(seq, [np.ascontiguousarray(a) for a in arrays]))
+        msg = self.channel.recv(MpcOpen, timeout=self.timeout)
+        if msg.seq != seq:
+            raise ProtocolError(f"MPC stage mismatch: peer sent step {msg.seq}, expected {seq}")
+        if len(msg.arrays) != len(arrays):
+            raise ProtocolError(f"MPC step {seq}: expected {len(arrays)} arrays, got {len(msg.arrays)}")
+        out = []
+        for mine, theirs in zip(arrays, msg.arrays, strict=True):
+            if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+                raise ProtocolError(
+                    f"MPC step {seq}: peer array {theirs.dtype}{theirs.shape} does not match "
+                    f"{mine.dtype}{mine.shape}"
+                )
+            out.append(theirs)
+        return out
+
+    def open(self, xs: Sequence[AShare]) -> list[U64]:
+        """Reconstruct several shared values in one round (both parties learn them)."""
+        theirs = self.exchange([x.values for x in xs])
+        return [x.values + t for x, t in zip(xs, theirs, strict=True)]
+
+    # ------------------------------------------------------------------ sharing / reveal
+    def share(
+        self, x: Any | None, owner: int, shape: tuple[int, ...] | None = None, frac_bits: int | None = None
+    ) -> AShare:
+        """Secret-share ``owner``'s ring elements (uint64) ``x``; the other party passes ``shape``.
+
+        If ``x`` is a float array it is fixed-point encoded first (frac = ``fxp.frac_bits``).
+        """
+        frac = self.frac if frac_bits is None else frac_bits
+        if self.party == owner:
+            if x is None:
+                raise InputError("the owner must provide the value to share")
+            arr = np.asarray(x)
+            if np.issubdtype(arr.dtype, np.floating):
+                vals = FixedPoint(frac).encode(arr)
+            else:
+                vals = as_u64(arr)
+            r = random_u64(vals.shape)
+            self._send([vals - r])
+            return AShare(r, self.party, frac)
+        if shape is None:
+            raise InputError("the non-owner must pass the shape of the shared value")
+        (v,) = self._recv(1)
+        if v.dtype != np.uint64 or tuple(v.shape) != tuple(shape):
+            raise ProtocolError(f"shared value has {v.dtype}{v.shape}, expected uint64{tuple(shape)}")
+        return AShare(v, self.party, frac)
+
+    def reveal(self, x: AShare, to: int | None = None) -> U64 | None:
+        """Reconstruct ``x`` (uint64) for ``to`` (a party) or both (``None``)."""
+        if to is None:
+            return self.open([x])[0]
+        if to not in (0, 1):
+            raise InputError(f"reveal: 'to' must be 0, 1 or None, got {to!r}")
+        if self.party == to:
+            (v,) = self._recv(1)
+            if v.shape != x.values.shape or v.dtype != np.uint64:
+                raise ProtocolError("reveal: peer share has the wrong shape")
+            return x.values + v
+        self._send([x.values])
+        return None
+
+    def reveal_float(self, x: AShare, to: int | None = None) -> npt.NDArray[np.float64] | None:
+        v = self.reveal(x, to)
+        return None if v is None else FixedPoint(x.frac_bits).decode(v)
+
+    # ------------------------------------------------------------------ local helpers
+    def public(self, value: Any, frac_bits: int | None = None) -> AShare:
+        """A public constant as a (trivial) share; floats are encoded with ``frac_bits``."""
+        frac = self.frac if frac_bits is None else frac_bits
+        arr = np.asarray(value)
+        vals = FixedPoint(frac).encode(arr) if np.issubdtype(arr.dtype, np.floating) else as_u64(arr)
+        return AShare.from_public(vals, self.party, frac)
+
+    def mul_public(self, x: AShare, k: Any) -> AShare:
+        """``x * k`` for a public float/array ``k`` (fixed point, truncated) — 1 round for
+        truncation; for an integer ``k`` use ``x * k`` (local, no truncation)."""
+        arr = np.asarray(k)
+        if not np.issubdtype(arr.dtype, np.floating):
+            return x * as_u64(arr)
+        enc = self.fxp.encode(arr)
+        prod = AShare(
+            np.broadcast_to(x.values, np.broadcast_shapes(x.shape, enc.shape)) * enc,
+            self.party,
+            x.frac_bits + self.frac,
+        )
+        return self.trunc(prod, self.frac)
+
+    def _bit(self, values: U64) -> AShare:
+        return AShare(values, self.party, 0)
+
+    # ------------------------------------------------------------------ multiplication
+    def mul(self, x: AShare, y: AShare, *, out_frac: int | None = None) -> AShare:
+        """Elementwise product (broadcasting) of two shared values (Beaver; 1 round, +1 round if
+        the fixed-point scale has to be truncated back to ``out_frac`` (default ``fxp.frac_bits``))."""
+        return self.mul_many([(x, y)], out_frac=out_frac)[0]
+
+    def mul_many(
+        self, pairs: Sequence[tuple[AShare, AShare]], *, out_frac: int | None = None
+    ) -> list[AShare]:
+        """Several independent products in one round (plus one shared truncation round)."""
+        if not pairs:
+            return []
+        xs, ys, shapes = [], [], []
+        for x, y in pairs:
+            if not isinstance(x, AShare) or not isinstance(y, AShare):
+                raise InputError("mul needs two AShare operands (use mul_public for constants)")
+            shp = np.broadcast_shapes(x.shape, y.shape)
+            xs.append(np.broadcast_to(x.values, shp).ravel())
+            ys.append(np.broadcast_to(y.values, shp).ravel())
+            shapes.append(shp)
+        xv, yv = np.concatenate(xs), np.concatenate(ys)
+        a, b, c = self.triples.beaver(xv.shape)
+        e_mine, f_mine = xv - a, yv - b
+        e_t, f_t = self.exchange([e_mine, f_mine])
+        e, f = e_mine + e_t, f_mine + f_t
+        z = c + e * b + f * a
+        if self.party == 0:
+            z += e * f
+        self.counters["mul"] += int(xv.size)
+        out: list[AShare] = []
+        pos = 0
+        to_trunc: list[tuple[int, int]] = []
+        for i, ((x, y), shp) in enumerate(zip(pairs, shapes, strict=True)):
+            cnt = int(np.prod(shp, dtype=np.int64))
+            frac = x.frac_bits + y.frac_bits
+            out.append(AShare(z[pos : pos + cnt].reshape(shp), self.party, frac))
+            pos += cnt
+            target = self.frac if out_frac is None else out_frac
+            if frac > target:
+                to_trunc.append((i, frac - target))
+        if to_trunc:
+            truncated = self.trunc_many([(out[i], s) for i, s in to_trunc])
+            for (i, _), t in zip(to_trunc, truncated, strict=True):
+                out[i] = t
+        return out
+
+    def square(self, x: AShare) -> AShare:
+        return self.mul(x, x)
+
+    def matmul(self, x: AShare, y: AShare, *, out_frac: int | None = None) -> AShare:
+        """Shared matrix product ``x @ y`` (2-D; 1-D ``y`` allowed) with a matrix triple."""
+        xv = x.values
+        yv = y.values[:, None] if y.ndim == 1 else y.values
+        if xv.ndim != 2 or xv.shape[1] != yv.shape[0]:
+            raise InputError(f"matmul: shapes {x.shape} and {y.shape} do not align")
+        m, k = xv.shape
+        n = yv.shape[1]
+        a, b, c = self.triples.matmul_triple(m, k, n)
+        e_t, f_t = self.exchange([xv - a, yv - b])
+        e, f = xv - a + e_t, yv - b + f_t
+        z = c + ring_matmul(e, b) + ring_matmul(a, f)
+        if self.party == 0:
+            z += ring_matmul(e, f)
+        if y.ndim == 1:
+            z = z[:, 0]
+        res = AShare(z, self.party, x.frac_bits + y.frac_bits)
+        target = self.frac if out_frac is None else out_frac
+        if res.frac_bits > target:
+            res = self.trunc(res, res.frac_bits - target)
+        return res
+
+    def public_matrix(
+        self, matrix: Any | None, holder: int, shape: tuple[int, int] | None = None
+    ) -> PublicMatrix:
+        """Prepare products ``M^T X`` with ``M`` (n, k) held in plaintext by ``holder``.
+
+        ``matrix`` is a uint64/int array or a :class:`OneHotMatrix` (holder only); the other party
+        passes ``shape``. Sends the masked matrix ``E = M - A`` once; see :class:`PublicMatrix`.
+        """
+        return PublicMatrix(self, matrix, holder, shape)
+
+    # ------------------------------------------------------------------ truncation
+    def trunc(self, x: AShare, bits: int | None = None) -> AShare:
+        """Arithmetic shift right by ``bits`` (default: down to ``fxp.frac_bits``); exact up to
+        -1 ulp for ``|x| < 2^62`` (1 round)."""
+        s = x.frac_bits - self.frac if bits is None else bits
+        if s <= 0:
+            return x
+        return self.trunc_many([(x, s)])[0]
+
+    def trunc_many(self, items: Sequence[tuple[AShare, int]]) -> list[AShare]:
+        if not items:
+            return []
+        for _, s in items:
+            if not 0 < s < 62:
+                raise InputError(f"truncation by {s} bits is out of range (1..61)")
+        flat = np.concatenate([x.values.ravel() for x, _ in items])
+        shifts = np.concatenate([np.full(x.size, s, dtype=np.uint64) for x, s in items])
+        zp = flat + np.uint64(1 << 62) if self.party == 0 else flat
+        m = zp >> _S63
+        # w = m0 OR m1 = m0 + m1 - m0*m1 ; the product of the two private bits with one triple
+        p = self._private_bit_product(m)
+        w = m - p
+        res = (zp >> shifts) - (w << (np.uint64(64) - shifts))
+        if self.party == 0:
+            res -= np.uint64(1) << (np.uint64(62) - shifts)
+        self.counters["trunc"] += int(flat.size)
+        out, pos = [], 0
+        for x, s in items:
+            out.append(AShare(res[pos : pos + x.size].reshape(x.shape), self.party, x.frac_bits - s))
+            pos += x.size
+        return out
+
+    def _private_bit_product(self, mine: U64) -> U64:
+        """Shares of ``m0 * m1`` where party i privately holds ``m_i`` (any ring values)."""
+        a, b, c = self.triples.beaver(mine.shape)
+        xs = mine if self.party == 0 else np.zeros_like(mine)
+        ys = mine if self.party == 1 else np.zeros_like(mine)
+        e_t, f_t = self.exchange([xs - a, ys - b])
+        e, f = xs - a + e_t, ys - b + f_t
+        z = c + e * b + f * a
+        if self.party == 0:
+            z += e * f
+        self.counters["mul"] += int(mine.size)
+        return z
+
+    # ------------------------------------------------------------------ boolean layer
+    def _and(self, x: U8, y: U8) -> U8:
+        """AND of XOR-shared packed bit arrays (flat uint8), one round."""
+        a, b, c = self.triples.bit_triples(int(x.size))
+        e_m, f_m = x ^ a, y ^ b
+        e_t, f_t = self.exchange([e_m, f_m])
+        e, f = e_m ^ e_t, f_m ^ f_t
+        z = c ^ (e & b) ^ (f & a)
+        if self.party == 0:
+            z ^= e & f
+        self.counters["and_gates"] += int(x.size) * 8
+        return z
+
+    def _carry63(self, values: U64) -> U8:
+        """XOR shares (packed) of carry-out of ``low63(x0) + low63(x1)``."""
+        n = values.size
+        low = values & _LOW63
+        shifts = np.arange(63, dtype=np.uint64)[:, None]
+        planes = ((low[None, :] >> shifts) & _ONE).astype(np.uint8)  # (63, n)
+        packed = np.packbits(planes, axis=1)  # (63, nb)
+        nb = packed.shape[1]
+        zeros = np.zeros_like(packed)
+        mine_a = packed if self.party == 0 else zeros
+        mine_b = packed if self.party == 1 else zeros
+        g = self._and(mine_a.ravel(), mine_b.ravel()).reshape(63, nb)
+        p = packed  # XOR sharing of a_j ^ b_j is (a_j, b_j)
+        # pad to 64 planes with a neutral top group (G=0, P=1): the result is the carry into bit 63
+        g = np.concatenate([g, np.zeros((1, nb), np.uint8)])
+        p = np.concatenate([p, np.full((1, nb), 0xFF if self.party == 0 else 0, np.uint8)])
+        while g.shape[0] > 1:
+            g_lo, g_hi = g[0::2], g[1::2]
+            p_lo, p_hi = p[0::2], p[1::2]
+            half = g_hi.shape[0]
+            if half == 1:
+                t = self._and(p_hi.ravel(), g_lo.ravel()).reshape(1, nb)
+                g = g_hi ^ t
+                break
+            both = self._and(
+                np.concatenate([p_hi, p_hi]).ravel(), np.concatenate([g_lo, p_lo]).ravel()
+            ).reshape(2 * half, nb)
+            g = g_hi ^ both[:half]
+            p = both[half:]
+        del n
+        return g[0]
+
+    def ltz(self, x: AShare) -> AShare:
+        """Shared bit ``[x < 0]`` (signed interpretation; frac 0), 8 rounds."""
+        flat = x.values.ravel()
+        n = flat.size
+        if n == 0:
+            return AShare(np.zeros(x.shape, np.uint64), self.party, 0)
+        carry = np.unpackbits(self._carry63(flat))[:n].astype(np.uint64)
+        bit = carry ^ (flat >> _S63)  # XOR share of msb(x)
+        p = self._private_bit_product(bit)
+        res = bit - (p << _ONE)  # b0 + b1 - 2 b0 b1
+        self.counters["ltz"] += n
+        return self._bit(res.reshape(x.shape))
+
+    def lt(self, x: AShare, y: AShare) -> AShare:
+        return self.ltz(x - y)
+
+    def ge(self, x: AShare, y: AShare) -> AShare:
+        return 1 - self.ltz(x - y)
+
+    def select(self, bit: AShare, x: AShare, y: AShare) -> AShare:
+        """``bit ? x : y`` for a shared 0/1 ``bit`` (frac 0), 1 round."""
+        return y + self.mul(bit, x - y)
+
+    def relu(self, x: AShare) -> AShare:
+        return self.mul(1 - self.ltz(x), x)
+
+    # ------------------------------------------------------------------ argmax
+    def argmax(self, x: AShare, axis: int = -1) -> tuple[AShare, AShare]:
+        """Tournament argmax along ``axis``: (shared one-hot (frac 0), shared max).
+
+        Ties go to the lower index. log2(m) levels of (ltz + one batched multiplication).
+        """
+        xv = np.moveaxis(x.values, axis, -1)
+        m = xv.shape[-1]
+        if m == 0:
+            raise InputError("argmax of an empty axis")
+        lead = xv.shape[:-1]
+        vals = AShare(xv, self.party, x.frac_bits)
+        owner = np.arange(m)  # candidate index of each original position
+        onehot: AShare | None = None  # None == all ones (public)
+        cur = m
+        while cur > 1:
+            k = cur // 2
+            left = vals[..., 0 : 2 * k : 2]
+            right = vals[..., 1 : 2 * k : 2]
+            b = self.ltz(left - right)  # 1 -> right wins
+            # factor for each original position: left member -> 1-b, right -> b, leftover -> 1
+            pair = np.minimum(owner // 2, k - 1)
+            is_left = (owner % 2 == 0) & (owner < 2 * k)
+            is_right = owner % 2 == 1
+            minus_one = np.uint64(2**64 - 1)
+            coef = np.where(is_left, minus_one, np.where(is_right, _ONE, np.uint64(0))).astype(np.uint64)
+            const = is_left.astype(np.uint64) + (owner >= 2 * k).astype(np.uint64)
+            bg = b[..., pair]
+            factor = AShare(bg.values * coef, self.party, 0) + const
+            diff = right - left
+            if onehot is None:
+                (prod,) = self.mul_many([(b, diff)])
+                onehot = factor
+            else:
+                prod, onehot = self.mul_many([(b, diff), (onehot, factor)])
+            winners = left + prod
+            if cur % 2 == 1:
+                winners = AShare.concatenate([winners, vals[..., cur - 1 : cur]], axis=-1)
+            vals = winners
+            owner = owner // 2
+            cur = k + (cur % 2)
+        if onehot is None:
+            onehot = AShare.from_public(np.ones((*lead, 1), np.uint64), self.party, 0)
+        oh = AShare(np.moveaxis(onehot.values, -1, axis), self.party, 0)
+        return oh, vals[..., 0]
+
+    def max(self, x: AShare, axis: int = -1) -> AShare:
+        return self.argmax(x, axis)[1]
+
+    # ------------------------------------------------------------------ reciprocal / division
+    def _normalise(self, x: AShare, lo: float, hi: float) -> AShare:
+        """Shares of ``2^-(e+1)`` with ``2^e <= x < 2^(e+1)`` (x clamped to [lo, hi))."""
+        if not 0 < lo < hi:
+            raise InputError("reciprocal needs 0 < lo < hi")
+        e_lo = int(np.floor(np.log2(lo)))
+        e_hi = int(np.ceil(np.log2(hi)))
+        if e_hi > self.frac:
+            raise ConfigError(f"reciprocal range hi={hi} needs frac_bits >= {e_hi} (have {self.frac})")
+        if e_lo + 1 < -(62 - 2 * self.frac):
+            raise ConfigError(f"reciprocal range lo={lo} is too small for frac_bits={self.frac}")
+        js = list(range(e_lo + 1, e_hi))
+        base = 1 << (self.frac - (e_lo + 1)) if e_lo + 1 <= self.frac else 0
+        s = AShare.from_public(np.full(x.shape, base, np.uint64), self.party, self.frac)
+        if js:
+            thresholds = np.array([2.0**j for j in js])
+            enc = self.fxp.encode(thresholds)
+            if x.frac_bits != self.frac:
+                raise InputError("reciprocal expects a value at the default fixed-point scale")
+            sub = _bcast(enc if self.party == 0 else np.zeros_like(enc), x.ndim)
+            stacked = AShare(x.values[None, ...] - sub, self.party, x.frac_bits)
+            ge = 1 - self.ltz(stacked)  # [x >= 2^j]
+            coefs = np.array([1 << (self.frac - (j + 1)) for j in js], dtype=np.uint64)
+            acc = (ge.values * _bcast(coefs, x.ndim)).sum(axis=0, dtype=np.uint64)
+            s = s - AShare(acc, self.party, self.frac)
+        return s
+
+    def _newton(self, xn: AShare, extra: Sequence[tuple[AShare, AShare]] = ()) -> tuple[AShare, list[AShare]]:
+        """Newton iterations for ``1/xn`` with ``xn`` in [0.5, 1]; extra products ride along."""
+        two = self.fxp.encode(np.array(2.0))
+        y = self.fxp.encode(np.array(2.9142)) - AShare(xn.values * np.uint64(2), self.party, xn.frac_bits)
+        extras: list[AShare] = []
+        for it in range(_NEWTON_STEPS):
+            pairs = [(xn, y)] + (list(extra) if it == 0 else [])
+            res = self.mul_many(pairs)
+            t = res[0]
+            if it == 0:
+                extras = res[1:]
+            y = self.mul(y, two - t)
+        return y, extras
+
+    def reciprocal(self, x: AShare, *, lo: float = 2.0**-8, hi: float = 2.0**16) -> AShare:
+        """``1/x`` for shared ``x`` in ``[lo, hi)`` (positive). Cost: ``log2(hi/lo)`` comparisons
+        per element (one batch) + 8 multiplications. Relative error about ``2^-(frac-2)``."""
+        s = self._normalise(x, lo, hi)
+        xn = self.mul(x, s)
+        y, _ = self._newton(xn)
+        return self.mul(y, s)
+
+    def div(self, a: AShare, b: AShare, *, lo: float = 2.0**-8, hi: float = 2.0**16) -> AShare:
+        """``a / b`` for shared ``b`` in ``[lo, hi)``: ``(a * 2^-(e+1)) * (1 / normalised b)``."""
+        s = self._normalise(b, lo, hi)
+        bn, a_s = self.mul_many([(b, s), (a, s)])
+        y, _ = self._newton(bn)
+        return self.mul(a_s, y)
+
+    # ------------------------------------------------------------------ sigmoid
+    def sigmoid(self, x: AShare) -> AShare:
+        """Logistic function; max abs error ~1e-4 (tested 2e-4) for the default 20 frac bits."""
+        if x.frac_bits != self.frac:
+            raise InputError("sigmoid expects a value at the default fixed-point scale")
+        shp = x.shape
+        c_enc = self.fxp.encode(np.array(float(_SIGMOID_CLAMP)))
+        stacked = AShare(np.stack([x.values, x.values + c_enc, c_enc - x.values]), self.party, x.frac_bits)
+        if self.party == 1:
+            stacked = AShare(np.stack([x.values, x.values, -x.values]), self.party, x.frac_bits)
+        bits = self.ltz(stacked)
+        s, l1, l2 = bits[0], bits[1], bits[2]  # x<0, x<-C, x>C
+        k = (1 - AShare(s.values * np.uint64(2), self.party, 0)) + l1 - l2  # sign(x), 0 outside
+        clamp = AShare((l1.values + l2.values) * c_enc, self.party, self.frac)
+        t = self.mul(x, k, out_frac=self.frac) + clamp
+        # z = 1 - t / 2^n at F fractional bits
+        big_f = 30
+        n = _EXP_SQUARINGS
+        shift = big_f - self.frac - n
+        if shift >= 0:
+            tz = AShare(t.values << np.uint64(shift), self.party, big_f)
+        else:
+            tz = self.trunc(AShare(t.values, self.party, big_f - shift), -shift)
+        z = (1 << big_f) - tz
+        for _ in range(n):
+            z = self.mul(z, z, out_frac=big_f)
+        e = self.trunc(z, big_f - self.frac)  # exp(-|x|) at frac bits
+        one = self.fxp.encode(np.array(1.0))
+        # xn = (1 + e) / 2 in [0.5, 1]; sigmoid(|x|) = 1/(1+e) = y/2
+        onepe = e + one
+        xn = self.trunc(AShare(onepe.values, self.party, self.frac + 1), 1)
+        y, _ = self._newton(xn)
+        q = self.trunc(AShare(y.values, self.party, self.frac + 1), 1)
+        # sigmoid(x) = s ? 1 - q : q
+        res = q + self.mul(s, one - AShare(q.values * np.uint64(2), self.party, self.frac))
+        return AShare(res.values.reshape(shp), self.party, self.frac)
+
+
+def _bcast(arr: U64, ndim: int) -> U64:
+    return arr.reshape(arr.shape + (1,) * ndim)
+
+
+class PublicMatrix:
+    """Products ``M^T X`` where party ``holder`` knows ``M`` (n, k) in plaintext, X is shared.
+
+    Setup (once per matrix): the triple source gives the holder a uniform mask ``A`` (n, k); it
+    sends ``E = M - A`` (uniform, reveals nothing). Each :meth:`t_matmul` call on X (n, c):
+    the other party draws a fresh triple ``(B, C = A^T B)``, sends ``F = X_other - B`` (one
+    one-way message, no round trip), and
+
+    * holder:     ``M^T X_holder + A^T F + C_holder``
+    * non-holder: ``E^T X_other + C_other``
+
+    which sum to ``M^T X``. Local cost: one dense (k x n)(n x c) ring product per party (float64
+    limb GEMMs); with a :class:`OneHotMatrix` the holder's own term is a sparse bucket sum.
+    """
+
+    def __init__(self, mpc: MPC, matrix: Any | None, holder: int, shape: tuple[int, int] | None) -> None:
+        if holder not in (0, 1):
+            raise InputError("holder must be 0 or 1")
+        self.mpc = mpc
+        self.holder = holder
+        self._sparse: OneHotMatrix | None = None
+        self._dense: U64 | None = None
+        if mpc.party == holder:
+            if matrix is None:
+                raise InputError("the holder must provide the matrix")
+            if isinstance(matrix, OneHotMatrix):
+                self._sparse = matrix
+                shp = matrix.shape
+            else:
+                self._dense = as_u64(np.asarray(matrix))
+                if self._dense.ndim != 2:
+                    raise InputError("public matrix must be 2-D")
+                shp = (int(self._dense.shape[0]), int(self._dense.shape[1]))
+            mpc._send([np.array(shp, dtype=np.int64)])
+        else:
+            (shp_arr,) = mpc._recv(1)
+            shp = (int(shp_arr[0]), int(shp_arr[1]))
+            if shape is not None and tuple(shape) != shp:
+                raise ProtocolError(f"public matrix shape {shp} differs from the expected {tuple(shape)}")
+        self.shape = shp
+        n, k = shp
+        self.ctx, a = mpc.triples.matrix_mask(n, k, holder)
+        self._mask_t: npt.NDArray[np.uint64] | None = None
+        if mpc.party == holder:
+            if a is None:
+                raise ProtocolError("triple source gave the holder no mask")
+            dense = self._sparse.to_dense() if self._sparse is not None else self._dense
+            if dense is None:
+                raise ProtocolError("missing matrix")
+            _send_chunked(mpc, dense - a)
+            self._mask_t = np.ascontiguousarray(a.T)
+        else:
+            e = _recv_chunked(mpc, n, k)
+            self._mask_t = np.ascontiguousarray(e.T)
+
+    def t_matmul(self, x: AShare) -> AShare:
+        """Shares of ``M^T x`` for shared ``x`` of shape (n,) or (n, c); frac unchanged."""
+        mpc = self.mpc
+        n = self.shape[0]
+        vec = x.ndim == 1
+        xv = x.values[:, None] if vec else x.values
+        if xv.shape[0] != n:
+            raise InputError(f"t_matmul: x has {xv.shape[0]} rows, the matrix {n}")
+        cols = int(xv.shape[1])
+        b, c = mpc.triples.matrix_vector_triple(self.ctx, cols)
+        if self._mask_t is None:
+            raise ProtocolError("public matrix not set up")
+        if mpc.party == self.holder:
+            (f,) = mpc._recv(1)
+            if f.shape != (n, cols) or f.dtype != np.uint64:
+                raise ProtocolError("t_matmul: malformed masked vector")
+            if self._sparse is not None:
+                own = self._sparse.t_matmul(xv)
+            elif self._dense is not None:
+                own = ring_matmul(np.ascontiguousarray(self._dense.T), xv)
+            else:
+                raise ProtocolError("missing matrix")
+            z = own + ring_matmul(self._mask_t, f) + c
+        else:
+            if b is None:
+                raise ProtocolError("triple source gave no vector mask")
+            mpc._send([xv - b])
+            z = ring_matmul(self._mask_t, xv) + c
+        return AShare(z[:, 0] if vec else z, mpc.party, x.frac_bits)
+
+
+_CHUNK_ELEMS = 1 << 22  # 32 MiB of uint64 per frame
+
+
+def _send_chunked(mpc: MPC, arr: U64) -> None:
+    flat = np.ascontiguousarray(arr).ravel()
+    for start in range(0, max(flat.size, 1), _CHUNK_ELEMS):
+        mpc._send([flat[start : start + _CHUNK_ELEMS]])
+
+
+def _recv_chunked(mpc: MPC, n: int, k: int) -> U64:
+    total = n * k
+    parts: list[U64] = []
+    got = 0
+    while got < total or (total == 0 and not parts):
+        (p,) = mpc._recv(1)
+        if p.dtype != np.uint64 or p.ndim != 1:
+            raise ProtocolError("masked matrix chunk is malformed")
+        parts.append(p)
+        got += p.size
+        if total == 0:
+            break
+    if got != total:
+        raise ProtocolError("masked matrix has the wrong size")
+    return np.concatenate(parts).reshape(n, k) if parts else np.zeros((n, k), np.uint64)

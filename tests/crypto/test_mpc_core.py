@@ -1,0 +1,131 @@
+"""MPC primitives: every op equals the plaintext reference within a stated fixed-point error."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from veil.comm import Channel
+from veil.crypto.encoding import FixedPoint
+from veil.crypto.mpc import MPC, OneHotMatrix
+from veil.crypto.sharing import AShare, share_floats
+from veil.crypto.triples import LocalDealer
+from veil.testing import run_parties
+
+FXP = FixedPoint(20)
+ULP = 2.0**-20
+
+
+def run_mpc(fn: Callable[..., Any], x0: Any, x1: Any, sources: Any = None) -> tuple[Any, Any]:
+    """Run ``fn(mpc, share, extra)`` for both parties over a MemoryChannel pair."""
+    s0, s1 = sources if sources is not None else LocalDealer.pair()
+
+    def role(party: int, src: Any, arg: Any) -> Callable[[Channel], Any]:
+        def f(ch: Channel) -> Any:
+            mpc = MPC(ch, party, src, FXP, timeout=60)
+            return fn(mpc, *arg)
+
+        return f
+
+    return run_parties(role(0, s0, x0), role(1, s1, x1), timeout=240)
+
+
+def shared(x: np.ndarray) -> tuple[AShare, AShare]:
+    return share_floats(x, FXP)
+
+
+def both(fn: Callable[..., Any], *vals: np.ndarray, sources: Any = None) -> np.ndarray:
+    """Share vals, run fn(mpc, *shares) on both sides, reveal result to both, return floats."""
+    sh = [shared(v) for v in vals]
+    a0 = tuple(s[0] for s in sh)
+    a1 = tuple(s[1] for s in sh)
+
+    def prog(mpc: MPC, *xs: AShare) -> np.ndarray:
+        out = fn(mpc, *xs)
+        return mpc.reveal_float(out)
+
+    r0, r1 = run_mpc(prog, a0, a1, sources)
+    np.testing.assert_array_equal(r0, r1)
+    return r0
+
+
+rng = np.random.default_rng(1)
+
+
+def test_mul_matches_plaintext() -> None:
+    x = rng.uniform(-1000, 1000, 500)
+    y = rng.uniform(-1000, 1000, 500)
+    got = both(lambda m, a, b: m.mul(a, b), x, y)
+    assert np.max(np.abs(got - x * y)) < 1e-3  # inputs encoded with 0.5 ulp error each
+
+
+def test_trunc_exact_within_one_ulp_for_large_values() -> None:
+    x = rng.uniform(-2.0**20, 2.0**20, 2000)
+    y = rng.uniform(-3, 3, 2000)
+    got = both(lambda m, a, b: m.mul(a, b), x, y)
+    ref = FXP.decode(FXP.encode(x)) * FXP.decode(FXP.encode(y))
+    assert np.max(np.abs(got - ref)) <= 2 * ULP
+
+
+def test_ltz_and_select() -> None:
+    x = np.concatenate([rng.uniform(-1e6, 1e6, 300), [0.0, ULP, -ULP, 1e9, -1e9]])
+    got = both(lambda m, a: AShare(m.ltz(a).values, m.party, 20), x)
+    np.testing.assert_array_equal(got * 2**20, (x < 0).astype(float))
+    y = rng.uniform(-5, 5, x.size)
+    sel = both(lambda m, a, b: m.select(m.ltz(a), a, b), x, y)
+    np.testing.assert_allclose(sel, np.where(x < 0, x, y), atol=ULP)
+
+
+def test_argmax_tournament() -> None:
+    x = rng.uniform(-100, 100, (7, 13))
+    sh = shared(x)
+
+    def prog(mpc: MPC, a: AShare) -> tuple[np.ndarray, np.ndarray]:
+        oh, mx = mpc.argmax(a, axis=1)
+        return mpc.reveal(oh), mpc.reveal_float(mx)
+
+    (oh, mx), _ = run_mpc(prog, (sh[0],), (sh[1],))
+    np.testing.assert_array_equal(oh, np.eye(13, dtype=np.uint64)[np.argmax(x, axis=1)])
+    np.testing.assert_allclose(mx, x.max(axis=1), atol=ULP)
+
+
+def test_reciprocal_and_div() -> None:
+    x = np.exp(rng.uniform(np.log(0.01), np.log(60000), 400))
+    got = both(lambda m, a: m.reciprocal(a), x)
+    np.testing.assert_allclose(got, 1 / x, rtol=1e-4, atol=8 * ULP)
+    a = rng.uniform(-500, 500, 400)
+    got = both(lambda m, p, q: m.div(p, q), a, x)
+    np.testing.assert_allclose(got, a / x, rtol=1e-4, atol=8 * ULP)
+
+
+def test_sigmoid_error_bound() -> None:
+    x = np.concatenate([np.linspace(-40, 40, 801), [-1000.0, 1000.0, 0.0]])
+    got = both(lambda m, a: m.sigmoid(a), x)
+    err = np.max(np.abs(got - 1 / (1 + np.exp(-np.clip(x, -700, 700)))))
+    assert err < 2e-4, err
+
+
+def test_matmul_and_public_matrix() -> None:
+    x = rng.uniform(-10, 10, (6, 5))
+    y = rng.uniform(-10, 10, (5, 4))
+    got = both(lambda m, a, b: m.matmul(a, b), x, y)
+    np.testing.assert_allclose(got, x @ y, atol=1e-3)
+
+    n, feats, nb = 300, 3, 8
+    bins = rng.integers(0, nb, (n, feats))
+    onehot = OneHotMatrix(bins, nb)
+    dense = onehot.to_dense().astype(np.float64)
+    v = rng.uniform(-2, 2, (n, 4))
+    sh = shared(v)
+
+    def prog(mpc: MPC, a: AShare, mat: Any) -> np.ndarray:
+        pm = mpc.public_matrix(mat, holder=1, shape=(n, feats * nb))
+        r1 = mpc.reveal_float(pm.t_matmul(a))
+        r2 = mpc.reveal_float(pm.t_matmul(a[:, 0]))
+        return r1, r2
+
+    (r1, r2), _ = run_mpc(prog, (sh[0], None), (sh[1], onehot))
+    np.testing.assert_allclose(r1, dense.T @ v, atol=1e-3)
+    np.testing.assert_allclose(r2, dense.T @ v[:, 0], atol=1e-3)
