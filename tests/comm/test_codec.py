@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -231,3 +234,18 @@ def test_frozen_and_tagged() -> None:
     with pytest.raises(AttributeError):
         m.x = 2  # type: ignore[misc]
     assert codec.message_tag(Other) == "Other"
+
+
+class Typed(Message, frozen=True):
+    u: npt.NDArray[np.uint64]
+    f: npt.NDArray[np.floating[Any]] | None = None
+
+
+def test_annotated_dtype_enforced() -> None:
+    ok = Typed(u=np.arange(3, dtype=np.uint64), f=np.ones(2, dtype=np.float32))
+    out = codec.decode(codec.encode(ok), Typed)
+    assert out.u.dtype == np.uint64 and out.f is not None and out.f.dtype == np.float32
+    with pytest.raises(ProtocolError, match="expected a numpy array of uint64, got dtype int64"):
+        codec.decode(codec.encode(Typed(u=np.arange(3, dtype=np.int64))), Typed)
+    with pytest.raises(ProtocolError, match="floating"):
+        codec.decode(codec.encode(Typed(u=np.arange(3, dtype=np.uint64), f=np.arange(2))), Typed)

@@ -167,11 +167,28 @@ def _ext_hook(code: int, data: memoryview) -> Any:
     raise ProtocolError(f"unknown MessagePack extension type {code}")
 
 
+def _annotated_scalar(typ: Any) -> type[np.generic] | None:
+    """The scalar type of an ``npt.NDArray[np.uint64]``-style annotation (None if unconstrained)."""
+    args = typing.get_args(typ)
+    if len(args) != 2:
+        return None
+    inner = typing.get_args(args[1])
+    if len(inner) != 1:
+        return None
+    scalar = typing.get_origin(inner[0]) or inner[0]
+    if isinstance(scalar, type) and issubclass(scalar, np.generic) and scalar is not np.generic:
+        return scalar
+    return None
+
+
 def _dec_hook(typ: type, obj: Any) -> Any:
     if typ is np.ndarray or typing.get_origin(typ) is np.ndarray:
-        if isinstance(obj, np.ndarray):
-            return obj
-        raise ValueError(f"expected a numpy array, got {type(obj).__name__}")
+        if not isinstance(obj, np.ndarray):
+            raise ValueError(f"expected a numpy array, got {type(obj).__name__}")
+        want = _annotated_scalar(typ)
+        if want is not None and not issubclass(obj.dtype.type, want):
+            raise ValueError(f"expected a numpy array of {want.__name__}, got dtype {obj.dtype}")
+        return obj
     raise NotImplementedError(f"type {typ!r} is not supported by the veil codec")
 
 
