@@ -48,7 +48,7 @@ def register_backend(name: str, factory: Factory) -> None:
 
 def _ensure_registered() -> None:
     # importing the modules registers them; explicit, no plugin discovery
-    from veil.tee import simulated  # noqa: F401
+    from veil.tee import gramine, simulated, tsm  # noqa: F401
 
 
 def load_enclave(
