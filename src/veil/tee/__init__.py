@@ -16,6 +16,8 @@ from veil.tee.kex import (
     KexFinish,
     KexRequest,
     client_key_exchange,
+    client_open_session,
+    enclave_accept_session,
     new_nonce,
 )
 from veil.tee.policy import Policy, SgxPolicy, Verifier
@@ -36,6 +38,8 @@ __all__ = [
     "VerifiedClaims",
     "Verifier",
     "client_key_exchange",
+    "client_open_session",
+    "enclave_accept_session",
     "load_enclave",
     "measure",
     "new_nonce",

@@ -27,6 +27,7 @@ import struct
 
 import msgspec
 
+from veil.comm.channel import Channel
 from veil.comm.codec import Message
 from veil.crypto.aead import X25519KeyPair
 from veil.crypto.random import random_bytes
@@ -43,6 +44,8 @@ __all__ = [
     "KexRequest",
     "client_key_exchange",
     "client_key_exchange_with_claims",
+    "client_open_session",
+    "enclave_accept_session",
     "kex_report_data",
     "kex_transcript",
     "new_nonce",
@@ -166,3 +169,43 @@ def client_key_exchange_with_claims(
     session = SecureSession.from_shared_secret(secret, initiator=True, transcript=transcript)
     log.info("attested session established with %s enclave %s", claims.label, claims.measurement[:16])
     return kp.public_bytes, session, claims
+
+
+# ---------------------------------------------------------------------------------- over a Channel
+
+
+def enclave_accept_session(
+    channel: Channel, enclave: Enclave, *, timeout: float | None = None
+) -> SecureSession:
+    """Enclave role over a :class:`veil.comm.Channel`: KexRequest -> AttestedOffer -> KexFinish."""
+    req = channel.recv(KexRequest, timeout=timeout)
+    kx = EnclaveKeyExchange(enclave)
+    try:
+        offer = kx.offer(req.nonce)
+    except (InputError, AttestationError) as e:
+        channel.abort(f"enclave could not attest: {e}")
+        raise
+    channel.send(offer)
+    fin = channel.recv(KexFinish, timeout=timeout)
+    try:
+        return kx.finish(fin.public_key)
+    except ProtocolError as e:
+        channel.abort(str(e))
+        raise
+
+
+def client_open_session(
+    channel: Channel, verifier: Verifier, *, timeout: float | None = None
+) -> tuple[SecureSession, VerifiedClaims]:
+    """Client role over a channel: fresh nonce, verify the offer, send our key. On refusal the
+    peer is told (``channel.abort``) and :class:`AttestationError` is raised."""
+    nonce = new_nonce()
+    channel.send(KexRequest(nonce=nonce))
+    offer = channel.recv(AttestedOffer, timeout=timeout)
+    try:
+        client_public, session, claims = client_key_exchange_with_claims(offer, verifier, nonce)
+    except AttestationError as e:
+        channel.abort(f"attestation refused by client: {e}")
+        raise
+    channel.send(KexFinish(public_key=client_public))
+    return session, claims

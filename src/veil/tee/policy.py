@@ -222,7 +222,7 @@ class Verifier:
                 "allow_any_measurement=True explicitly)"
             )
         m = measurement.lower()
-        if not any(hmac.compare_digest(m, a) for a in p.allowed_measurements):
+        if not any(hmac.compare_digest(m.encode(), a.encode()) for a in p.allowed_measurements):
             raise AttestationError(
                 f"check 'measurement' failed: measurement {m[:16]}… is not allowed by the policy"
             )
