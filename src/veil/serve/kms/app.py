@@ -72,6 +72,8 @@ class KMSConfig(BaseModel):
     policy: Policy
     nonce_ttl_s: float = Field(default=30.0, gt=0, le=3600)
     tee_backend: str = "simulated"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=0, le=65535)
 
 
 def kms_enclave(backend: str = "simulated") -> Enclave:

@@ -1,0 +1,185 @@
+"""``veil serve``: package models, run workers / the gateway, bring up a local cluster."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from veil.errors import VeilError
+
+app = typer.Typer(name="serve", help="Confidential inference serving: packages, workers, gateway, cluster.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _cli(fn: Any) -> Any:
+    """VeilError -> one line + exit code (same as veil.cli.main.run_cli, without importing every engine)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VeilError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+@app.command("package")
+@_cli
+def package(
+    model: Path = typer.Argument(..., help="ONNX file, XGBoost JSON model, or Hugging Face causal LM directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Package to write (e.g. model.veil)."),
+    name: str = typer.Option("", help="Model name (default: file/dir stem)."),
+    version: str = typer.Option("1", help="Model version string."),
+    adapter: Path | None = typer.Option(None, help="LoRA adapter directory (HF models only)."),
+    signing_key: Path = typer.Option(Path("signer.key"), help="Ed25519 signing key (created if missing)."),
+    kms: str = typer.Option("", help="KMS URL: create the data key there (a new key version)."),
+    admin_token: str = typer.Option("", envvar="VEIL_KMS_ADMIN_TOKEN", help="KMS admin token."),
+    kms_ca: Path | None = typer.Option(None, help="CA certificate of an HTTPS KMS."),
+    key_out: Path | None = typer.Option(None, help="Without --kms: where to write the data key file."),
+) -> None:
+    """Encrypt and sign a model into a package; register its key with the KMS or write a key file."""
+    from veil.crypto.random import random_bytes
+    from veil.serve import signing
+    from veil.serve.kms.client import KMSClient
+    from veil.serve.package import KeyFile, build_package
+    from veil.errors import ConfigError
+
+    name = name or model.stem.replace("_", "-")
+    sk = signing.load_or_create(signing_key)
+    if kms:
+        with KMSClient(kms, admin_token=admin_token, ca=kms_ca) as client:
+            info, key = client.new_key(name, sk.public_bytes.hex())
+        key_id = info.key_id
+        where = f"registered with the KMS as {name} v{info.version} (key id {key_id})"
+    else:
+        if key_out is None:
+            key_out = out.parent / "keys" / (out.stem + ".key.json")
+        if key_out.resolve().parent == out.resolve().parent:
+            raise ConfigError("the key file must not be written beside the package; choose --key-out elsewhere")
+        key = random_bytes(32)
+        key_id = random_bytes(16).hex()
+        KeyFile(model=name, key_id=key_id, key=key.hex(), signer=sk.public_bytes.hex()).write(key_out)
+        where = f"key written to {key_out} (register it with `veil kms register-key`)"
+    data = build_package(model, name=name, version=version, signing_key=sk, data_key=key, key_id=key_id,
+                         adapter=adapter)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    typer.echo(f"wrote {out} ({len(data)} bytes, signer {sk.public_bytes.hex()[:16]}…); {where}")
+
+
+@app.command("inspect")
+@_cli
+def inspect(package_path: Path = typer.Argument(..., help="Package to verify and describe.")) -> None:
+    """Verify a package's structure and signature and print its manifest (nothing is decrypted)."""
+    from veil.serve.package import read_package
+
+    pkg = read_package(package_path)
+    typer.echo(pkg.manifest.model_dump_json(indent=2))
+
+
+@app.command("measurement")
+@_cli
+def measurement() -> None:
+    """Print the (simulated-backend) measurement of this worker build, for KMS policies."""
+    from veil.serve.worker.app import worker_measurement
+
+    typer.echo(worker_measurement())
+
+
+@app.command("worker")
+@_cli
+def worker(
+    package: Path = typer.Option(..., help="Encrypted model package."),
+    kms: str = typer.Option(..., "--kms", help="KMS URL."),
+    listen: str = typer.Option("127.0.0.1:8081", help="HOST:PORT."),
+    tee: str = typer.Option("simulated", help="TEE backend: simulated (default, INSECURE), gramine, tsm."),
+    kms_ca: Path | None = typer.Option(None, help="CA certificate of an HTTPS KMS."),
+    worker_id: str = typer.Option("", help="Worker id (default worker-PORT-PID)."),
+    reattest_s: float = typer.Option(60.0, help="Re-attest to the KMS every N seconds (0 = never)."),
+    attest_timeout_s: float = typer.Option(60.0, help="Keep retrying an unreachable KMS this long."),
+    debug_enclave: bool = typer.Option(False, help="Run a debug enclave (KMS policies refuse it by default)."),
+    verbose: bool = typer.Option(False, "-v"),
+) -> None:
+    """Run one enclave worker: attest, fetch keys, decrypt the model in memory, serve KServe v2."""
+    from veil.serve.runtime import parse_listen, run_worker
+    from veil.serve.worker.app import WorkerConfig
+
+    _logging(verbose)
+    host, port = parse_listen(listen)
+    run_worker(WorkerConfig(package=package, kms_url=kms, kms_ca=kms_ca, host=host, port=port, tee_backend=tee,
+                            worker_id=worker_id, reattest_s=reattest_s, attest_timeout_s=attest_timeout_s,
+                            debug_enclave=debug_enclave))
+
+
+@app.command("gateway")
+@_cli
+def gateway(
+    worker_urls: list[str] = typer.Option([], "--worker", help="Worker URL (repeat)."),
+    listen: str = typer.Option("127.0.0.1:8080", help="HOST:PORT."),
+    policy: str = typer.Option("round-robin", help="Routing policy (veil.serve.routing)."),
+    poll_s: float = typer.Option(0.5, help="Replica status poll interval."),
+    capture_file: Path | None = typer.Option(None, help="DEBUG: record every request body the gateway sees."),
+    verbose: bool = typer.Option(False, "-v"),
+) -> None:
+    """Run the KServe v2 gateway in front of the workers."""
+    from veil.serve.gateway.app import GatewayConfig
+    from veil.serve.runtime import parse_listen, run_gateway
+
+    _logging(verbose)
+    host, port = parse_listen(listen)
+    run_gateway(GatewayConfig(workers=list(worker_urls), host=host, port=port, policy=policy, poll_s=poll_s,
+                              capture_file=capture_file))
+
+
+@app.command("up")
+@_cli
+def up(
+    model: list[Path] = typer.Option(..., "--model", help="Package(s) to serve (repeat)."),
+    workers: int = typer.Option(3, help="Worker replicas per model."),
+    key_file: list[Path] = typer.Option([], "--key-file", help="Data key file(s) to register with the KMS."),
+    state: Path = typer.Option(Path(".veil-serve"), help="State directory (KMS state, logs, admin token)."),
+    port: int = typer.Option(8080, help="Gateway port (0 = any free port)."),
+    policy: str = typer.Option("round-robin", help="Routing policy."),
+    tee: str = typer.Option("simulated", help="TEE backend for workers and KMS."),
+) -> None:
+    """Start KMS, workers and gateway on 127.0.0.1; Ctrl-C / SIGTERM stops everything."""
+    from veil.serve.cluster.local import LocalCluster
+
+    _logging(False)
+    cluster = LocalCluster(packages=list(model), workers=workers, state_dir=state, key_files=list(key_file),
+                           gateway_port=port, policy=policy, tee=tee, allow_simulated=tee == "simulated")
+    stop = threading.Event()
+
+    def _signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _signal)
+    signal.signal(signal.SIGINT, _signal)
+    try:
+        url = cluster.start()
+        label = " [SIMULATED TEE: no hardware protection]" if tee == "simulated" else ""
+        typer.echo(f"veil serving at {url}  (KServe v2: {url}/v2/models/<name>/infer){label}")
+        typer.echo(f"KMS at {cluster.kms_url}; admin token in {state / 'admin-token'}; logs in {state / 'logs'}")
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            dead = [p.name for p in cluster.procs if p.popen is not None and p.popen.poll() is not None]
+            if "kms" in dead or "gateway" in dead:
+                typer.echo(f"error: {', '.join(dead)} exited; shutting down", err=True)
+                break
+    finally:
+        cluster.stop()
+        typer.echo("stopped")

@@ -1,0 +1,112 @@
+"""``veil.serve.client``: a KServe v2 client that can attest the service and encrypt end to end.
+
+::
+
+    client = ServeClient("http://127.0.0.1:8080", policy=Policy(...), e2e=True)
+    claims = client.attest()              # verifies the service evidence (any replica)
+    out = client.infer("tiny", {"x": x})  # the gateway sees only ciphertext
+
+Without ``e2e`` it is a plain KServe v2 HTTP client (binary tensor extension).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import msgspec
+import numpy as np
+
+from veil.comm import codec
+from veil.crypto.random import random_bytes
+from veil.errors import AttestationError, ConfigError
+from veil.serve import v2
+from veil.serve.e2e import E2E_CONTENT_TYPE, ServiceEvidence, client_open, client_seal, verify_service_evidence
+from veil.serve.errors import ServeError
+from veil.tee import Policy, VerifiedClaims, Verifier
+
+__all__ = ["ServeClient"]
+
+log = logging.getLogger("veil.serve.client")
+
+
+class ServeClient:
+    def __init__(self, url: str, *, policy: Policy | None = None, e2e: bool = False, timeout: float = 60.0,
+                 verify_tls: Any = True) -> None:
+        if e2e and policy is None:
+            raise ConfigError("end-to-end encryption needs an attestation policy to verify the service")
+        self.url = url.rstrip("/")
+        self.policy = policy
+        self.e2e = e2e
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=verify_tls)
+        self.service_public: bytes | None = None
+        self.claims: VerifiedClaims | None = None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ServeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def attest(self) -> VerifiedClaims:
+        """Fetch and verify the service evidence; remembers the service key for E2E requests."""
+        if self.policy is None:
+            raise ConfigError("attest() needs a policy")
+        nonce = random_bytes(32)
+        r = self._post("/v2/veil/attestation", msgspec.json.encode({"nonce": nonce.hex()}),
+                       {"content-type": "application/json"})
+        if r.status_code != 200:
+            raise AttestationError(f"service evidence unavailable: {r.status_code} {r.text[:200]}")
+        se = codec.decode(r.content, ServiceEvidence)
+        self.claims = verify_service_evidence(se, Verifier(self.policy), nonce)
+        self.service_public = se.x25519_public
+        log.info("service attested (%s enclave %s)", self.claims.label, self.claims.measurement[:16])
+        return self.claims
+
+    def _post(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        try:
+            return self._http.post(path, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise ServeError(f"cannot reach {self.url}{path}: {exc}") from None
+
+    def _send(self, path: str, model: str, kind: str, body: bytes, hl: int | None, request_id: str | None
+              ) -> tuple[int, bytes, int | None]:
+        headers = {"x-request-id": request_id} if request_id else {}
+        if not self.e2e:
+            headers["content-type"] = "application/json"
+            if hl is not None:
+                headers["inference-header-content-length"] = str(hl)
+            r = self._post(path, body, headers)
+            rhl = r.headers.get("inference-header-content-length")
+            return r.status_code, r.content, int(rhl) if rhl else None
+        if self.service_public is None:
+            self.attest()
+        assert self.service_public is not None  # noqa: S101 - set by attest()
+        wire, sess = client_seal(self.service_public, model, kind, body, hl)
+        headers.update({"content-type": E2E_CONTENT_TYPE, "x-veil-model": model})
+        r = self._post(path, wire, headers)
+        if r.status_code != 200:
+            raise ServeError(f"{path}: {r.status_code} {r.text[:200]}")
+        return client_open(sess, r.content)
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], *, request_id: str | None = None,
+              outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        body, hl = v2.encode_request(request_id or "", inputs, outputs=outputs)
+        status, data, rhl = self._send(f"/v2/models/{model}/infer", model, "infer", body, hl, request_id)
+        if status != 200:
+            raise ServeError(f"inference failed ({status}): {data[:300].decode(errors='replace')}")
+        _, out = v2.decode_response(data, rhl)
+        return out
+
+    def complete(self, model: str, prompt: str | list[int], *, max_tokens: int = 16,
+                 request_id: str | None = None) -> dict[str, Any]:
+        body = msgspec.json.encode({"model": model, "prompt": prompt, "max_tokens": max_tokens})
+        status, data, _ = self._send("/v1/completions", model, "completions", body, None, request_id)
+        if status != 200:
+            raise ServeError(f"completion failed ({status}): {data[:300].decode(errors='replace')}")
+        out: dict[str, Any] = msgspec.json.decode(data)
+        return out

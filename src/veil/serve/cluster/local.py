@@ -1,0 +1,208 @@
+"""``veil serve up``: KMS, workers and gateway as separate processes on 127.0.0.1.
+
+Children are started with ``PR_SET_PDEATHSIG`` (Linux) so they die with the supervisor even if it
+is killed hard, and are stopped in order (gateway, workers, KMS) with SIGTERM then SIGKILL after a
+timeout on Ctrl-C / SIGTERM / :meth:`LocalCluster.stop`. No orphans.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from veil.crypto.random import random_bytes
+from veil.errors import ConfigError
+from veil.serve.errors import ServeError
+from veil.serve.kms.client import KMSClient
+from veil.serve.package import KeyFile, read_package
+
+__all__ = ["LocalCluster", "free_port"]
+
+log = logging.getLogger("veil.serve.cluster")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    url: str
+    popen: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+
+@dataclass
+class LocalCluster:
+    packages: list[Path]
+    workers: int = 3
+    state_dir: Path = field(default_factory=lambda: Path(".veil-serve"))
+    key_files: list[Path] = field(default_factory=list)
+    gateway_port: int = 0
+    policy: str = "round-robin"
+    tee: str = "simulated"
+    allow_simulated: bool = True
+    reattest_s: float = 30.0
+    admin_token: str = ""
+    capture_file: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+    kms_url: str = ""
+    gateway_url: str = ""
+
+    def _spawn(self, p: Proc) -> None:
+        logs = self.state_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        p.log_path = logs / f"{p.name}.log"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
+        with p.log_path.open("ab") as fh:
+            p.popen = subprocess.Popen(p.argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                       preexec_fn=_pdeathsig, stdin=subprocess.DEVNULL)
+        self.procs.append(p)
+
+    def _wait_http(self, p: Proc, path: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if p.popen is not None and p.popen.poll() is not None:
+                raise ServeError(f"{p.name} exited with code {p.popen.returncode}; see {p.log_path}:\n"
+                                 + self.tail(p))
+            try:
+                if httpx.get(p.url + path, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise ServeError(f"{p.name} not ready after {timeout:.0f}s; see {p.log_path}:\n" + self.tail(p))
+
+    @staticmethod
+    def tail(p: Proc, n: int = 15) -> str:
+        if p.log_path is None or not p.log_path.exists():
+            return ""
+        return "\n".join(p.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def start(self, timeout: float = 120.0) -> str:
+        from veil.serve.worker.app import worker_measurement
+        from veil.tee import platform_public_key
+
+        if self.workers < 1:
+            raise ConfigError("--workers must be >= 1")
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        manifests = [read_package(Path(p)).manifest for p in self.packages]
+        token_path = self.state_dir / "admin-token"
+        if not self.admin_token:
+            if token_path.exists():
+                self.admin_token = token_path.read_text().strip()
+            else:
+                self.admin_token = random_bytes(24).hex()
+                with token_path.open("w") as fh:
+                    token_path.chmod(0o600)
+                    fh.write(self.admin_token)
+        py = sys.executable
+        kport = free_port()
+        self.kms_url = f"http://127.0.0.1:{kport}"
+        kms_argv = [py, "-m", "veil.serve.kms", "serve", "--listen", f"127.0.0.1:{kport}",
+                    "--state", str(self.state_dir / "kms"), "--admin-token-file", str(token_path),
+                    "--allow-measurement", worker_measurement(), "--tee", self.tee]
+        if self.allow_simulated:
+            kms_argv += ["--allow-simulated", "--simulated-platform-key", platform_public_key().hex()]
+        self._spawn(Proc("kms", kms_argv, self.kms_url))
+        try:
+            self._wait_http(self.procs[-1], "/v1/health", timeout)
+            self._register_keys(manifests)
+            wurls = []
+            for i in range(self.workers):
+                for j, pkg in enumerate(self.packages):
+                    port = free_port()
+                    url = f"http://127.0.0.1:{port}"
+                    argv = [py, "-m", "veil.serve", "worker", "--package", str(pkg), "--kms", self.kms_url,
+                            "--listen", f"127.0.0.1:{port}", "--tee", self.tee, "--worker-id", f"w{i}-m{j}",
+                            "--reattest-s", str(self.reattest_s)]
+                    self._spawn(Proc(f"worker-{i}-{manifests[j].name}", argv, url))
+                    wurls.append(url)
+            gport = self.gateway_port or free_port()
+            self.gateway_url = f"http://127.0.0.1:{gport}"
+            gargv = [py, "-m", "veil.serve", "gateway", "--listen", f"127.0.0.1:{gport}", "--policy", self.policy,
+                     "--poll-s", "0.25"]
+            for u in wurls:
+                gargv += ["--worker", u]
+            if self.capture_file is not None:
+                gargv += ["--capture-file", str(self.capture_file)]
+            for p in [p for p in self.procs if p.name.startswith("worker")]:
+                self._wait_http(p, "/v2/health/ready", timeout)
+            self._spawn(Proc("gateway", gargv, self.gateway_url))
+            self._wait_http(self.procs[-1], "/v2/health/ready", timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self.gateway_url
+
+    def _register_keys(self, manifests: list[object]) -> None:
+        with KMSClient(self.kms_url, admin_token=self.admin_token) as kms:
+            for kf_path in self.key_files:
+                kf = KeyFile.read(kf_path)
+                known = {k.key_id for k in kms.list_keys(kf.model)}
+                if kf.key_id not in known:
+                    kms.import_key(kf.model, kf.key_id, bytes.fromhex(kf.key), kf.signer)
+                    log.info("registered key %s for %s with the KMS", kf.key_id[:8], kf.model)
+
+    def worker_procs(self) -> list[Proc]:
+        return [p for p in self.procs if p.name.startswith("worker")]
+
+    def restart_kms(self, timeout: float = 60.0) -> None:
+        """Stop and start the KMS on the same port and state (fault tests)."""
+        kms = next(p for p in self.procs if p.name == "kms")
+        self._terminate(kms)
+        self.procs.remove(kms)
+        self._spawn(Proc("kms", kms.argv, kms.url))
+        self._wait_http(self.procs[-1], "/v1/health", timeout)
+
+    @staticmethod
+    def _terminate(p: Proc, timeout: float = 10.0) -> None:
+        if p.popen is None or p.popen.poll() is not None:
+            return
+        p.popen.send_signal(signal.SIGTERM)
+        try:
+            p.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.popen.kill()
+            p.popen.wait(5)
+
+    def stop(self) -> None:
+        order = ([p for p in self.procs if p.name == "gateway"] + self.worker_procs()
+                 + [p for p in self.procs if p.name == "kms"])
+        for p in order:
+            if p.popen is not None and p.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.popen.send_signal(signal.SIGTERM)
+        for p in order:
+            self._terminate(p)
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

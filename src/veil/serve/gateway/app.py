@@ -1,0 +1,286 @@
+"""The gateway: Open Inference Protocol (KServe v2) over HTTP in front of the enclave workers.
+
+It never decrypts anything: plaintext v2 bodies and end-to-end encrypted envelopes are forwarded
+as opaque bytes to a replica chosen by the routing policy. A replica that fails at the
+connection level (died, refused, reset, not ready) is marked unhealthy and the request goes to
+another replica with the same request id; answers are cached briefly by request id so that a
+client retry of an id already answered gets the same answer instead of a second execution, and
+concurrent duplicates wait for the first.
+
+Replica health, EPC pressure and service time come from polling each worker's status endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from veil.crypto.random import random_bytes
+from veil.serve.e2e import E2E_CONTENT_TYPE
+from veil.serve.errors import ServeError
+from veil.serve.gateway.router import NoReplicaAvailable, ReplicaState, Router
+
+__all__ = ["Gateway", "GatewayConfig", "create_app"]
+
+log = logging.getLogger("veil.serve.gateway")
+
+_FORWARD_HEADERS = ("content-type", "inference-header-content-length", "x-veil-model")
+_RETRYABLE_STATUS = {502, 503}
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workers: list[str] = Field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    policy: str = "round-robin"
+    poll_s: float = Field(default=0.5, gt=0)
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=4, ge=1, le=32)
+    dedup_entries: int = Field(default=4096, ge=0)
+    capture_file: Path | None = None
+    """Debug/test only: append every request body the gateway handled (to show what it can see)."""
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.router = Router(cfg.policy)
+        for url in cfg.workers:
+            self.router.add(url)
+        self.session: aiohttp.ClientSession | None = None
+        self._inflight: dict[str, asyncio.Future[tuple[int, dict[str, str], bytes]]] = {}
+        self._done: OrderedDict[str, tuple[int, dict[str, str], bytes]] = OrderedDict()
+        self._capture = cfg.capture_file.open("ab") if cfg.capture_file else None
+        reg = self.registry = CollectorRegistry()
+        self.m_requests = Counter("veil_gateway_requests", "Requests answered", ["path", "status"], registry=reg)
+        self.m_latency = Histogram("veil_gateway_request_seconds", "End-to-end latency at the gateway",
+                                   registry=reg, buckets=(0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+        self.m_retries = Counter("veil_gateway_retries", "Requests re-sent to another replica", registry=reg)
+        self.m_dedup = Counter("veil_gateway_deduplicated", "Duplicate request ids answered from cache", registry=reg)
+        self.m_healthy = Gauge("veil_gateway_replicas_healthy", "Healthy replicas", registry=reg)
+        self.m_known = Gauge("veil_gateway_replicas", "Known replicas", registry=reg)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        conn = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(
+            total=self.cfg.request_timeout_s, sock_connect=2.0))
+        await self.poll_once()
+        self._poller = asyncio.create_task(self._poll_loop())
+
+    async def stop(self) -> None:
+        self._poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._poller
+        if self.session is not None:
+            await self.session.close()
+        if self._capture is not None:
+            self._capture.close()
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.poll_s)
+            await self.poll_once()
+
+    async def _poll(self, r: ReplicaState) -> None:
+        if self.session is None:
+            return
+        try:
+            async with self.session.get(r.url + "/veil/v1/status", timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
+                doc = await resp.json() if resp.status == 200 else {}
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            doc = {}
+        if doc.get("ready"):
+            if not r.healthy:
+                log.info("replica %s is ready (%s)", r.id, doc.get("tee", "?"))
+            r.healthy = True
+            r.failures = 0
+            r.models = frozenset([str(doc.get("model", ""))])
+            r.tee = str(doc.get("tee", ""))
+            r.epc_pressure = float(doc.get("epc_pressure", 0.0) or 0.0)
+            r.service_time_s = float(doc.get("service_time_s", 0.0) or 0.0)
+        else:
+            if r.healthy:
+                log.warning("replica %s is not ready / unreachable", r.id)
+            r.healthy = False
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(r) for r in list(self.router.replicas.values())))
+        self.m_known.set(len(self.router.replicas))
+        self.m_healthy.set(sum(1 for r in self.router.replicas.values() if r.healthy))
+
+    # ------------------------------------------------------------------ forwarding
+    def _record(self, body: bytes) -> None:
+        if self._capture is not None:
+            self._capture.write(len(body).to_bytes(8, "big") + body)
+            self._capture.flush()
+
+    async def forward(self, method: str, path: str, model: str, body: bytes, headers: dict[str, str],
+                      request_id: str) -> tuple[int, dict[str, str], bytes]:
+        """Send to a replica; on a connection-level failure, re-send to another one."""
+        if self.session is None:
+            raise ServeError("gateway not started")
+        tried: list[str] = []
+        last = "no replica"
+        for attempt in range(self.cfg.max_attempts):
+            try:
+                r = self.router.choose(model, request_id, exclude=tried)
+            except NoReplicaAvailable as exc:
+                if attempt == 0 or not tried:
+                    last = str(exc)
+                break
+            tried.append(r.id)
+            if attempt:
+                self.m_retries.inc()
+            r.outstanding += 1
+            t0 = time.perf_counter()
+            try:
+                async with self.session.request(method, r.url + path, data=body, headers=headers) as resp:
+                    data = await resp.read()
+                    status = resp.status
+                    out_h = {k: v for k, v in resp.headers.items()
+                             if k.lower() in ("content-type", "inference-header-content-length")}
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                r.healthy = False
+                r.failures += 1
+                last = f"replica {r.id} failed: {type(exc).__name__}"
+                log.warning("request %s: %s; retrying on another replica", request_id, last)
+                continue
+            finally:
+                r.outstanding -= 1
+            if status in _RETRYABLE_STATUS and b"not ready" in data:
+                r.healthy = False
+                last = f"replica {r.id} not ready"
+                continue
+            r.observe_latency(time.perf_counter() - t0)
+            out_h["x-veil-replica"] = r.id
+            out_h["x-request-id"] = request_id
+            return status, out_h, data
+        return 503, {"content-type": "application/json"}, msgspec.json.encode({"error": f"service unavailable: {last}"})
+
+    async def handle(self, method: str, path: str, model: str, request: Request) -> Response:
+        t0 = time.perf_counter()
+        body = await request.body()
+        self._record(body)
+        client_rid = request.headers.get("x-request-id")
+        rid = client_rid or random_bytes(12).hex()
+        dedup = bool(client_rid) and self.cfg.dedup_entries > 0
+        if len(rid) > 128:
+            return JSONResponse({"error": "x-request-id too long"}, status_code=400)
+        headers = {k: v for k in _FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
+        headers["x-request-id"] = rid
+        cached = self._done.get(rid) if dedup else None
+        if cached is not None:
+            self.m_dedup.inc()
+            status, out_h, data = cached
+            out_h = {**out_h, "x-veil-deduplicated": "1"}
+        elif not dedup:
+            status, out_h, data = await self.forward(method, path, model, body, headers, rid)
+        elif rid in self._inflight:
+            self.m_dedup.inc()
+            status, out_h, data = await asyncio.shield(self._inflight[rid])
+            out_h = {**out_h, "x-veil-deduplicated": "1"}
+        else:
+            fut: asyncio.Future[tuple[int, dict[str, str], bytes]] = asyncio.get_running_loop().create_future()
+            self._inflight[rid] = fut
+            try:
+                status, out_h, data = await self.forward(method, path, model, body, headers, rid)
+                fut.set_result((status, out_h, data))
+            except BaseException as exc:
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved
+                raise
+            finally:
+                del self._inflight[rid]
+            if status < 500:
+                self._done[rid] = (status, out_h, data)
+                if len(self._done) > self.cfg.dedup_entries:
+                    self._done.popitem(last=False)
+        self.m_requests.labels(path.rsplit("/", 1)[-1], str(status)).inc()
+        self.m_latency.observe(time.perf_counter() - t0)
+        media = out_h.pop("content-type", "application/json")
+        return Response(data, status_code=status, headers=out_h, media_type=media)
+
+
+def create_app(gw: Gateway) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        yield
+        await gw.stop()
+
+    app = FastAPI(title="veil gateway", version="1", lifespan=lifespan,
+                  description="Open Inference Protocol (KServe v2) gateway in front of attested enclave workers.")
+
+    def healthy() -> list[ReplicaState]:
+        return [r for r in gw.router.replicas.values() if r.healthy]
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, Any]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        ok = bool(healthy())
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v2")
+    async def server_meta() -> dict[str, Any]:
+        return {"name": "veil-gateway", "version": "1", "extensions": ["binary_tensor_data", "veil_e2e"]}
+
+    @app.get("/v2/models/{model}")
+    async def model_meta(model: str, request: Request) -> Response:
+        return await gw.handle("GET", f"/v2/models/{model}", model, request)
+
+    @app.get("/v2/models/{model}/ready")
+    async def model_ready(model: str) -> Response:
+        ok = any(model in r.models for r in healthy())
+        return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 404)
+
+    @app.post("/v2/models/{model}/infer")
+    async def infer(model: str, request: Request) -> Response:
+        return await gw.handle("POST", f"/v2/models/{model}/infer", model, request)
+
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer_version(model: str, version: str, request: Request) -> Response:
+        return await gw.handle("POST", f"/v2/models/{model}/versions/{version}/infer", model, request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        model = request.headers.get("x-veil-model", "")
+        if not model and not request.headers.get("content-type", "").startswith(E2E_CONTENT_TYPE):
+            try:
+                model = str(msgspec.json.decode(await request.body()).get("model", ""))
+            except (msgspec.DecodeError, AttributeError):
+                return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
+        return await gw.handle("POST", "/v1/completions", model, request)
+
+    @app.post("/v2/veil/attestation")
+    async def attestation(request: Request) -> Response:
+        return await gw.handle("POST", "/v2/veil/attestation", "", request)
+
+    @app.get("/veil/v1/replicas")
+    async def replicas() -> list[dict[str, Any]]:
+        return [{"id": r.id, "url": r.url, "healthy": r.healthy, "outstanding": r.outstanding, "tee": r.tee,
+                 "models": sorted(r.models), "ewma_latency_s": r.ewma_latency_s, "epc_pressure": r.epc_pressure}
+                for r in gw.router.replicas.values()]
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.registry), media_type="text/plain; version=0.0.4")
+
+    return app
