@@ -270,9 +270,10 @@ def _run_processes(
             send_b.close()
             _collect(procs, conns, outcomes, deadline)
         finally:
-            for p in procs.values():
-                p.join(timeout=max(0.0, min(5.0, deadline + 5.0 - time.monotonic())))
-                if p.is_alive():
+            for party, p in procs.items():
+                if party in outcomes:  # reported: let it finish closing its channel
+                    p.join(timeout=5.0)
+                if p.is_alive():  # still running past the deadline (or stuck): kill our own child
                     p.kill()
                     p.join(timeout=5)
             recv_a.close()

@@ -166,7 +166,7 @@ def test_wrong_server_refused(ids: dict[str, PartyIdentity]) -> None:
     try:
         with pytest.raises(ChannelError, match=rf"127\.0\.0\.1:{listener.port}"):
             GrpcChannel.connect(
-                f"127.0.0.1:{listener.port}", bob, alice.fingerprint, peer_cert=alice.cert_pem, timeout=3
+                f"127.0.0.1:{listener.port}", bob, alice.fingerprint, peer_cert=alice.cert_pem, timeout=2
             )
         with pytest.raises(ChannelTimeout):
             listener.accept(timeout=0.5)
@@ -180,7 +180,7 @@ def test_wrong_client_refused(ids: dict[str, PartyIdentity]) -> None:
     listener = GrpcListener("127.0.0.1:0", alice, bob.fingerprint, peer_cert=bob.cert_pem, timeout=5)
     try:
         with pytest.raises(ChannelError):
-            GrpcChannel.connect(f"127.0.0.1:{listener.port}", mallory, peer_cert=alice.cert_pem, timeout=3)
+            GrpcChannel.connect(f"127.0.0.1:{listener.port}", mallory, peer_cert=alice.cert_pem, timeout=2)
         with pytest.raises(ChannelTimeout, match="no pinned peer connected"):
             listener.accept(timeout=0.5)
     finally:
@@ -240,3 +240,28 @@ def test_post_handshake_fingerprint_check(ids: dict[str, PartyIdentity]) -> None
         assert listener.refused == [bob.fingerprint]
     finally:
         listener.close()
+
+
+def test_connect_retries_until_server_is_up(ids: dict[str, PartyIdentity]) -> None:
+    import socket
+
+    alice, bob = ids["alice"], ids["bob"]
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    out: dict[str, Any] = {}
+
+    def late_server() -> None:
+        time.sleep(1.0)
+        ch = GrpcChannel.listen(f"127.0.0.1:{port}", alice, peer_cert=bob.cert_pem, timeout=20)
+        out["msg"] = ch.recv(Blob).note
+        ch.close()
+
+    t = threading.Thread(target=late_server, daemon=True)
+    t.start()
+    ch = GrpcChannel.connect(f"127.0.0.1:{port}", bob, peer_cert=alice.cert_pem, timeout=20)
+    ch.send(Blob(data=np.ones(1), note="late"))
+    t.join(20)
+    ch.close()
+    assert out == {"msg": "late"}
