@@ -139,3 +139,30 @@ def test_policy_validation() -> None:
     assert p.allowed_measurements == {"ab" + "cd" * 31}
     assert dataclasses.is_dataclass(Verifier(p).verify) is False
     assert isinstance(Evidence, type)
+
+
+def test_policy_json_roundtrip_and_errors(tmp_path) -> None:
+    from veil.errors import ConfigError
+    from veil.tee import SgxPolicy
+    from veil.tee.dcap.testing import TestPKI
+
+    pki = TestPKI.create()
+    pem = pki.root_cert.public_bytes(
+        __import__("cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]).Encoding.PEM
+    )
+    p = Policy(
+        allowed_measurements={"ab" * 32},
+        allow_simulated=True,
+        expected_nonce=b"\x00\xff" * 8,
+        sgx=SgxPolicy(trusted_root_der=pem, accepted_tcb_statuses={"UpToDate", "SWHardeningNeeded"}),
+    )
+    assert p.sgx.trusted_root_der == pki.root_der  # PEM accepted, stored as DER
+    f = tmp_path / "policy.json"
+    f.write_text(p.model_dump_json())
+    assert Policy.load(f) == p
+    with pytest.raises(ConfigError, match="invalid attestation policy"):
+        Policy.from_json('{"allowed_measurements": ["zz"]}')
+    with pytest.raises(ConfigError, match="invalid attestation policy"):
+        Policy.from_json('{"sgx": {"trusted_root_der": "bm90IGEgY2VydA=="}}')
+    with pytest.raises(ConfigError, match="cannot read"):
+        Policy.load(tmp_path / "missing.json")

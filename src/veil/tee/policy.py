@@ -19,13 +19,14 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from veil.errors import AttestationError, InputError
+from veil.errors import AttestationError, ConfigError, InputError
 from veil.tee.evidence import REPORT_DATA_SIZE, Evidence, VerifiedClaims, key_fingerprint, pad_report_data
 from veil.tee.evidence import signed_body as _signed_body
 
@@ -67,7 +68,7 @@ class SgxPolicy(BaseModel):
     quotes are verified by ``dcap-qvl`` against Intel's SGX root CA and collateral is required.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
 
     allowed_mrsigner: set[str] = Field(default_factory=set)
     isv_prod_id: int | None = None
@@ -81,11 +82,29 @@ class SgxPolicy(BaseModel):
     def _hex(cls, v: set[str]) -> set[str]:
         return _norm_hex(v, "allowed_mrsigner")
 
+    @field_validator("trusted_root_der")
+    @classmethod
+    def _root(cls, v: bytes | None) -> bytes | None:
+        if v is None:
+            return None
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        try:
+            cert = x509.load_pem_x509_certificate(v) if v.lstrip().startswith(b"-----") else (
+                x509.load_der_x509_certificate(v))
+        except ValueError as e:
+            raise ValueError(f"trusted_root_der is not an X.509 certificate (DER or PEM): {e}") from e
+        return cert.public_bytes(Encoding.DER)
+
 
 class Policy(BaseModel):
-    """What evidence must show before a peer trusts an enclave."""
+    """What evidence must show before a peer trusts an enclave.
 
-    model_config = ConfigDict(frozen=True)
+    JSON form (``Policy.model_validate_json`` / ``model_dump_json``): bytes fields are base64.
+    """
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
 
     allowed_measurements: set[str] = Field(default_factory=set)
     allow_any_measurement: bool = False
@@ -107,6 +126,23 @@ class Policy(BaseModel):
     @classmethod
     def _keys_hex(cls, v: set[str]) -> set[str]:
         return _norm_hex(v, "simulated_platform_keys")
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Policy:
+        """Parse a JSON policy; :class:`ConfigError` (not a pydantic error) when it is invalid."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as e:
+            raise ConfigError(f"invalid attestation policy: {e}") from e
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        """Read a JSON policy file (see :meth:`from_json`)."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read attestation policy {path}: {e}") from e
+        return cls.from_json(text)
 
     @field_validator("expected_nonce")
     @classmethod
