@@ -13,8 +13,12 @@ import typer
 
 from veil.errors import VeilError
 
-app = typer.Typer(name="kms", help="Key management service that releases keys only to attested workers.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="kms",
+    help="Key management service that releases keys only to attested workers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 
 def _cli(fn: Any) -> Any:
@@ -38,7 +42,9 @@ def _token(token: str, token_file: Path | None) -> str:
         except OSError as exc:
             raise ConfigError(f"cannot read admin token file: {exc}") from None
     if not token:
-        raise ConfigError("an admin token is required (--admin-token, VEIL_KMS_ADMIN_TOKEN or --admin-token-file)")
+        raise ConfigError(
+            "an admin token is required (--admin-token, VEIL_KMS_ADMIN_TOKEN or --admin-token-file)"
+        )
     return token
 
 
@@ -50,9 +56,13 @@ def serve(
     admin_token: str = typer.Option("", envvar="VEIL_KMS_ADMIN_TOKEN", help="Admin token (>= 16 chars)."),
     admin_token_file: Path | None = typer.Option(None, help="Read the admin token from this file."),
     allow_measurement: list[str] = typer.Option([], help="Allowed worker measurement (hex, repeat)."),
-    policy_file: Path | None = typer.Option(None, help="veil.tee.Policy as JSON (overrides the flags below)."),
+    policy_file: Path | None = typer.Option(
+        None, help="veil.tee.Policy as JSON (overrides the flags below)."
+    ),
     allow_simulated: bool = typer.Option(False, help="Accept SIMULATED worker evidence (development only)."),
-    simulated_platform_key: list[str] = typer.Option([], help="Trusted simulated platform key (hex, repeat)."),
+    simulated_platform_key: list[str] = typer.Option(
+        [], help="Trusted simulated platform key (hex, repeat)."
+    ),
     allow_debug: bool = typer.Option(False, help="Accept debug enclaves."),
     nonce_ttl_s: float = typer.Option(30.0, help="Challenge nonce lifetime."),
     tee: str = typer.Option("simulated", help="TEE backend the KMS seals its state with."),
@@ -66,8 +76,11 @@ def serve(
     from veil.serve.runtime import parse_listen, run_kms
     from veil.tee import Policy
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     host, port = parse_listen(listen)
     if policy_file is not None:
         try:
@@ -76,14 +89,25 @@ def serve(
             raise ConfigError(f"bad policy file: {exc}") from None
     else:
         try:
-            policy = Policy(allowed_measurements=set(allow_measurement), allow_simulated=allow_simulated,
-                            simulated_platform_keys=set(simulated_platform_key), allow_debug=allow_debug)
+            policy = Policy(
+                allowed_measurements=set(allow_measurement),
+                allow_simulated=allow_simulated,
+                simulated_platform_keys=set(simulated_platform_key),
+                allow_debug=allow_debug,
+            )
         except ValueError as exc:
             raise ConfigError(f"bad policy: {exc}") from None
     if not policy.allowed_measurements and not policy.allow_any_measurement:
         raise ConfigError("the KMS policy allows no worker measurement (--allow-measurement)")
-    cfg = KMSConfig(state_dir=state, admin_token=_token(admin_token, admin_token_file), policy=policy,
-                    nonce_ttl_s=nonce_ttl_s, tee_backend=tee, host=host, port=port)
+    cfg = KMSConfig(
+        state_dir=state,
+        admin_token=_token(admin_token, admin_token_file),
+        policy=policy,
+        nonce_ttl_s=nonce_ttl_s,
+        tee_backend=tee,
+        host=host,
+        port=port,
+    )
     run_kms(cfg, certfile=tls_cert, keyfile=tls_key)
 
 

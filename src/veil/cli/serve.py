@@ -14,8 +14,12 @@ import typer
 
 from veil.errors import VeilError
 
-app = typer.Typer(name="serve", help="Confidential inference serving: packages, workers, gateway, cluster.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="serve",
+    help="Confidential inference serving: packages, workers, gateway, cluster.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 
 def _cli(fn: Any) -> Any:
@@ -33,14 +37,19 @@ def _cli(fn: Any) -> Any:
 
 
 def _logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
 
 
 @app.command("package")
 @_cli
 def package(
-    model: Path = typer.Argument(..., help="ONNX file, XGBoost JSON model, or Hugging Face causal LM directory."),
+    model: Path = typer.Argument(
+        ..., help="ONNX file, XGBoost JSON model, or Hugging Face causal LM directory."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Package to write (e.g. model.veil)."),
     name: str = typer.Option("", help="Model name (default: file/dir stem)."),
     version: str = typer.Option("1", help="Model version string."),
@@ -53,10 +62,10 @@ def package(
 ) -> None:
     """Encrypt and sign a model into a package; register its key with the KMS or write a key file."""
     from veil.crypto.random import random_bytes
+    from veil.errors import ConfigError
     from veil.serve import signing
     from veil.serve.kms.client import KMSClient
     from veil.serve.package import KeyFile, build_package
-    from veil.errors import ConfigError
 
     name = name or model.stem.replace("_", "-")
     sk = signing.load_or_create(signing_key)
@@ -69,13 +78,16 @@ def package(
         if key_out is None:
             key_out = out.parent / "keys" / (out.stem + ".key.json")
         if key_out.resolve().parent == out.resolve().parent:
-            raise ConfigError("the key file must not be written beside the package; choose --key-out elsewhere")
+            raise ConfigError(
+                "the key file must not be written beside the package; choose --key-out elsewhere"
+            )
         key = random_bytes(32)
         key_id = random_bytes(16).hex()
         KeyFile(model=name, key_id=key_id, key=key.hex(), signer=sk.public_bytes.hex()).write(key_out)
         where = f"key written to {key_out} (register it with `veil kms register-key`)"
-    data = build_package(model, name=name, version=version, signing_key=sk, data_key=key, key_id=key_id,
-                         adapter=adapter)
+    data = build_package(
+        model, name=name, version=version, signing_key=sk, data_key=key, key_id=key_id, adapter=adapter
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
     typer.echo(f"wrote {out} ({len(data)} bytes, signer {sk.public_bytes.hex()[:16]}…); {where}")
@@ -111,7 +123,9 @@ def worker(
     worker_id: str = typer.Option("", help="Worker id (default worker-PORT-PID)."),
     reattest_s: float = typer.Option(60.0, help="Re-attest to the KMS every N seconds (0 = never)."),
     attest_timeout_s: float = typer.Option(60.0, help="Keep retrying an unreachable KMS this long."),
-    debug_enclave: bool = typer.Option(False, help="Run a debug enclave (KMS policies refuse it by default)."),
+    debug_enclave: bool = typer.Option(
+        False, help="Run a debug enclave (KMS policies refuse it by default)."
+    ),
     verbose: bool = typer.Option(False, "-v"),
 ) -> None:
     """Run one enclave worker: attest, fetch keys, decrypt the model in memory, serve KServe v2."""
@@ -120,9 +134,20 @@ def worker(
 
     _logging(verbose)
     host, port = parse_listen(listen)
-    run_worker(WorkerConfig(package=package, kms_url=kms, kms_ca=kms_ca, host=host, port=port, tee_backend=tee,
-                            worker_id=worker_id, reattest_s=reattest_s, attest_timeout_s=attest_timeout_s,
-                            debug_enclave=debug_enclave))
+    run_worker(
+        WorkerConfig(
+            package=package,
+            kms_url=kms,
+            kms_ca=kms_ca,
+            host=host,
+            port=port,
+            tee_backend=tee,
+            worker_id=worker_id,
+            reattest_s=reattest_s,
+            attest_timeout_s=attest_timeout_s,
+            debug_enclave=debug_enclave,
+        )
+    )
 
 
 @app.command("gateway")
@@ -141,8 +166,16 @@ def gateway(
 
     _logging(verbose)
     host, port = parse_listen(listen)
-    run_gateway(GatewayConfig(workers=list(worker_urls), host=host, port=port, policy=policy, poll_s=poll_s,
-                              capture_file=capture_file))
+    run_gateway(
+        GatewayConfig(
+            workers=list(worker_urls),
+            host=host,
+            port=port,
+            policy=policy,
+            poll_s=poll_s,
+            capture_file=capture_file,
+        )
+    )
 
 
 @app.command("up")
@@ -160,8 +193,16 @@ def up(
     from veil.serve.cluster.local import LocalCluster
 
     _logging(False)
-    cluster = LocalCluster(packages=list(model), workers=workers, state_dir=state, key_files=list(key_file),
-                           gateway_port=port, policy=policy, tee=tee, allow_simulated=tee == "simulated")
+    cluster = LocalCluster(
+        packages=list(model),
+        workers=workers,
+        state_dir=state,
+        key_files=list(key_file),
+        gateway_port=port,
+        policy=policy,
+        tee=tee,
+        allow_simulated=tee == "simulated",
+    )
     stop = threading.Event()
 
     def _signal(signum: int, _frame: object) -> None:
@@ -173,7 +214,9 @@ def up(
         url = cluster.start()
         label = " [SIMULATED TEE: no hardware protection]" if tee == "simulated" else ""
         typer.echo(f"veil serving at {url}  (KServe v2: {url}/v2/models/<name>/infer){label}")
-        typer.echo(f"KMS at {cluster.kms_url}; admin token in {state / 'admin-token'}; logs in {state / 'logs'}")
+        typer.echo(
+            f"KMS at {cluster.kms_url}; admin token in {state / 'admin-token'}; logs in {state / 'logs'}"
+        )
         sys.stdout.flush()
         while not stop.wait(0.5):
             dead = [p.name for p in cluster.procs if p.popen is not None and p.popen.poll() is not None]

@@ -22,7 +22,13 @@ from veil.comm import codec
 from veil.crypto.random import random_bytes
 from veil.errors import AttestationError, ConfigError
 from veil.serve import v2
-from veil.serve.e2e import E2E_CONTENT_TYPE, ServiceEvidence, client_open, client_seal, verify_service_evidence
+from veil.serve.e2e import (
+    E2E_CONTENT_TYPE,
+    ServiceEvidence,
+    client_open,
+    client_seal,
+    verify_service_evidence,
+)
 from veil.serve.errors import ServeError
 from veil.tee import Policy, VerifiedClaims, Verifier
 
@@ -32,8 +38,15 @@ log = logging.getLogger("veil.serve.client")
 
 
 class ServeClient:
-    def __init__(self, url: str, *, policy: Policy | None = None, e2e: bool = False, timeout: float = 60.0,
-                 verify_tls: Any = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        policy: Policy | None = None,
+        e2e: bool = False,
+        timeout: float = 60.0,
+        verify_tls: Any = True,
+    ) -> None:
         if e2e and policy is None:
             raise ConfigError("end-to-end encryption needs an attestation policy to verify the service")
         self.url = url.rstrip("/")
@@ -57,8 +70,11 @@ class ServeClient:
         if self.policy is None:
             raise ConfigError("attest() needs a policy")
         nonce = random_bytes(32)
-        r = self._post("/v2/veil/attestation", msgspec.json.encode({"nonce": nonce.hex()}),
-                       {"content-type": "application/json"})
+        r = self._post(
+            "/v2/veil/attestation",
+            msgspec.json.encode({"nonce": nonce.hex()}),
+            {"content-type": "application/json"},
+        )
         if r.status_code != 200:
             raise AttestationError(f"service evidence unavailable: {r.status_code} {r.text[:200]}")
         se = codec.decode(r.content, ServiceEvidence)
@@ -73,8 +89,9 @@ class ServeClient:
         except httpx.HTTPError as exc:
             raise ServeError(f"cannot reach {self.url}{path}: {exc}") from None
 
-    def _send(self, path: str, model: str, kind: str, body: bytes, hl: int | None, request_id: str | None
-              ) -> tuple[int, bytes, int | None]:
+    def _send(
+        self, path: str, model: str, kind: str, body: bytes, hl: int | None, request_id: str | None
+    ) -> tuple[int, bytes, int | None]:
         headers = {"x-request-id": request_id} if request_id else {}
         if not self.e2e:
             headers["content-type"] = "application/json"
@@ -85,7 +102,8 @@ class ServeClient:
             return r.status_code, r.content, int(rhl) if rhl else None
         if self.service_public is None:
             self.attest()
-        assert self.service_public is not None  # noqa: S101 - set by attest()
+        if self.service_public is None:
+            raise AttestationError("service key unknown after attestation")
         wire, sess = client_seal(self.service_public, model, kind, body, hl)
         headers.update({"content-type": E2E_CONTENT_TYPE, "x-veil-model": model})
         r = self._post(path, wire, headers)
@@ -93,8 +111,14 @@ class ServeClient:
             raise ServeError(f"{path}: {r.status_code} {r.text[:200]}")
         return client_open(sess, r.content)
 
-    def infer(self, model: str, inputs: dict[str, np.ndarray], *, request_id: str | None = None,
-              outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    def infer(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        *,
+        request_id: str | None = None,
+        outputs: list[str] | None = None,
+    ) -> dict[str, np.ndarray]:
         body, hl = v2.encode_request(request_id or "", inputs, outputs=outputs)
         status, data, rhl = self._send(f"/v2/models/{model}/infer", model, "infer", body, hl, request_id)
         if status != 200:
@@ -102,8 +126,9 @@ class ServeClient:
         _, out = v2.decode_response(data, rhl)
         return out
 
-    def complete(self, model: str, prompt: str | list[int], *, max_tokens: int = 16,
-                 request_id: str | None = None) -> dict[str, Any]:
+    def complete(
+        self, model: str, prompt: str | list[int], *, max_tokens: int = 16, request_id: str | None = None
+    ) -> dict[str, Any]:
         body = msgspec.json.encode({"model": model, "prompt": prompt, "max_tokens": max_tokens})
         status, data, _ = self._send("/v1/completions", model, "completions", body, None, request_id)
         if status != 200:

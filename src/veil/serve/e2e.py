@@ -72,26 +72,39 @@ def verify_service_evidence(se: ServiceEvidence, verifier: Verifier, nonce: byte
     """AttestationError unless the evidence satisfies the policy and binds this identity + nonce."""
     if len(se.x25519_public) != 32:
         raise ProtocolError("service X25519 key must be 32 bytes")
-    return verifier.verify(se.evidence, report_data=identity_report_data(se.x25519_public, se.tls_cert_pem, nonce))
+    return verifier.verify(
+        se.evidence, report_data=identity_report_data(se.x25519_public, se.tls_cert_pem, nonce)
+    )
 
 
 def _lp(b: bytes) -> bytes:
     return struct.pack(">I", len(b)) + b
 
 
-def _session(secret: bytes, client_public: bytes, service_public: bytes, model: str, path: str,
-             *, initiator: bool) -> SecureSession:
-    transcript = _LABEL + b"".join(_lp(x) for x in (client_public, service_public, model.encode(), path.encode()))
+def _session(
+    secret: bytes, client_public: bytes, service_public: bytes, model: str, path: str, *, initiator: bool
+) -> SecureSession:
+    transcript = _LABEL + b"".join(
+        _lp(x) for x in (client_public, service_public, model.encode(), path.encode())
+    )
     return SecureSession.from_shared_secret(secret, initiator=initiator, transcript=transcript)
 
 
-def client_seal(service_public: bytes, model: str, path: str, body: bytes, header_length: int | None
-                ) -> tuple[bytes, SecureSession]:
+def client_seal(
+    service_public: bytes, model: str, path: str, body: bytes, header_length: int | None
+) -> tuple[bytes, SecureSession]:
     """Encrypt one request; returns (wire bytes, session to open the response with)."""
     eph = X25519KeyPair.generate()
-    sess = _session(eph.exchange(service_public), eph.public_bytes, service_public, model, path, initiator=True)
-    req = E2ERequest(client_public=eph.public_bytes, model=model, path=path, ciphertext=sess.encrypt(body),
-                     header_length=-1 if header_length is None else header_length)
+    sess = _session(
+        eph.exchange(service_public), eph.public_bytes, service_public, model, path, initiator=True
+    )
+    req = E2ERequest(
+        client_public=eph.public_bytes,
+        model=model,
+        path=path,
+        ciphertext=sess.encrypt(body),
+        header_length=-1 if header_length is None else header_length,
+    )
     return codec.encode(req), sess
 
 
@@ -123,9 +136,16 @@ class ServerE2E:
 
     @staticmethod
     def seal(sess: SecureSession, status: int, body: bytes, header_length: int | None) -> bytes:
-        return codec.encode(E2EResponse(ciphertext=sess.encrypt(body), status=status,
-                                        header_length=-1 if header_length is None else header_length))
+        return codec.encode(
+            E2EResponse(
+                ciphertext=sess.encrypt(body),
+                status=status,
+                header_length=-1 if header_length is None else header_length,
+            )
+        )
 
 
-def server_open(server: ServerE2E, data: bytes, model: str, path: str) -> tuple[bytes, int | None, SecureSession]:
+def server_open(
+    server: ServerE2E, data: bytes, model: str, path: str
+) -> tuple[bytes, int | None, SecureSession]:
     return server.open(data, model, path)

@@ -39,13 +39,21 @@ def _uvicorn_kwargs() -> dict[str, Any]:
     return kw
 
 
-def serve_app(app: Any, host: str, port: int, *, certfile: Path | None = None, keyfile: Path | None = None) -> None:
+def serve_app(
+    app: Any, host: str, port: int, *, certfile: Path | None = None, keyfile: Path | None = None
+) -> None:
     import uvicorn
 
     if (certfile is None) != (keyfile is None):
         raise ConfigError("TLS needs both --tls-cert and --tls-key")
-    cfg = uvicorn.Config(app, host=host, port=port, ssl_certfile=str(certfile) if certfile else None,
-                         ssl_keyfile=str(keyfile) if keyfile else None, **_uvicorn_kwargs())
+    cfg = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ssl_certfile=str(certfile) if certfile else None,
+        ssl_keyfile=str(keyfile) if keyfile else None,
+        **_uvicorn_kwargs(),
+    )
     uvicorn.Server(cfg).run()
 
 
@@ -54,8 +62,13 @@ def run_kms(config: Any, *, certfile: Path | None = None, keyfile: Path | None =
 
     svc = KMSService(config)
     host, port = config_listen(config)
-    log.warning("veil KMS listening on %s://%s:%d (state %s)", "https" if certfile else "http", host, port,
-                config.state_dir)
+    log.warning(
+        "veil KMS listening on %s://%s:%d (state %s)",
+        "https" if certfile else "http",
+        host,
+        port,
+        config.state_dir,
+    )
     serve_app(create_app(svc), host, port, certfile=certfile, keyfile=keyfile)
 
 
@@ -81,6 +94,11 @@ def run_gateway(config: Any) -> None:
     from veil.serve.gateway.app import Gateway, create_app
 
     gw = Gateway(config)
-    log.warning("veil gateway on http://%s:%d, %d replica(s), policy %s", config.host, config.port,
-                len(config.workers), config.policy)
+    log.warning(
+        "veil gateway on http://%s:%d, %d replica(s), policy %s",
+        config.host,
+        config.port,
+        len(config.workers),
+        config.policy,
+    )
     serve_app(create_app(gw), config.host, config.port)

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,16 +80,23 @@ class LocalCluster:
         p.log_path = logs / f"{p.name}.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
         with p.log_path.open("ab") as fh:
-            p.popen = subprocess.Popen(p.argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                       preexec_fn=_pdeathsig, stdin=subprocess.DEVNULL)
+            p.popen = subprocess.Popen(
+                p.argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_pdeathsig,
+                stdin=subprocess.DEVNULL,
+            )
         self.procs.append(p)
 
     def _wait_http(self, p: Proc, path: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if p.popen is not None and p.popen.poll() is not None:
-                raise ServeError(f"{p.name} exited with code {p.popen.returncode}; see {p.log_path}:\n"
-                                 + self.tail(p))
+                raise ServeError(
+                    f"{p.name} exited with code {p.popen.returncode}; see {p.log_path}:\n" + self.tail(p)
+                )
             try:
                 if httpx.get(p.url + path, timeout=1.0).status_code == 200:
                     return
@@ -123,9 +131,22 @@ class LocalCluster:
         py = sys.executable
         kport = free_port()
         self.kms_url = f"http://127.0.0.1:{kport}"
-        kms_argv = [py, "-m", "veil.serve.kms", "serve", "--listen", f"127.0.0.1:{kport}",
-                    "--state", str(self.state_dir / "kms"), "--admin-token-file", str(token_path),
-                    "--allow-measurement", worker_measurement(), "--tee", self.tee]
+        kms_argv = [
+            py,
+            "-m",
+            "veil.serve.kms",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{kport}",
+            "--state",
+            str(self.state_dir / "kms"),
+            "--admin-token-file",
+            str(token_path),
+            "--allow-measurement",
+            worker_measurement(),
+            "--tee",
+            self.tee,
+        ]
         if self.allow_simulated:
             kms_argv += ["--allow-simulated", "--simulated-platform-key", platform_public_key().hex()]
         self._spawn(Proc("kms", kms_argv, self.kms_url))
@@ -137,15 +158,40 @@ class LocalCluster:
                 for j, pkg in enumerate(self.packages):
                     port = free_port()
                     url = f"http://127.0.0.1:{port}"
-                    argv = [py, "-m", "veil.serve", "worker", "--package", str(pkg), "--kms", self.kms_url,
-                            "--listen", f"127.0.0.1:{port}", "--tee", self.tee, "--worker-id", f"w{i}-m{j}",
-                            "--reattest-s", str(self.reattest_s)]
+                    argv = [
+                        py,
+                        "-m",
+                        "veil.serve",
+                        "worker",
+                        "--package",
+                        str(pkg),
+                        "--kms",
+                        self.kms_url,
+                        "--listen",
+                        f"127.0.0.1:{port}",
+                        "--tee",
+                        self.tee,
+                        "--worker-id",
+                        f"w{i}-m{j}",
+                        "--reattest-s",
+                        str(self.reattest_s),
+                    ]
                     self._spawn(Proc(f"worker-{i}-{manifests[j].name}", argv, url))
                     wurls.append(url)
             gport = self.gateway_port or free_port()
             self.gateway_url = f"http://127.0.0.1:{gport}"
-            gargv = [py, "-m", "veil.serve", "gateway", "--listen", f"127.0.0.1:{gport}", "--policy", self.policy,
-                     "--poll-s", "0.25"]
+            gargv = [
+                py,
+                "-m",
+                "veil.serve",
+                "gateway",
+                "--listen",
+                f"127.0.0.1:{gport}",
+                "--policy",
+                self.policy,
+                "--poll-s",
+                "0.25",
+            ]
             for u in wurls:
                 gargv += ["--worker", u]
             if self.capture_file is not None:
@@ -159,7 +205,7 @@ class LocalCluster:
             raise
         return self.gateway_url
 
-    def _register_keys(self, manifests: list[object]) -> None:
+    def _register_keys(self, manifests: Sequence[object]) -> None:
         with KMSClient(self.kms_url, admin_token=self.admin_token) as kms:
             for kf_path in self.key_files:
                 kf = KeyFile.read(kf_path)
@@ -191,8 +237,11 @@ class LocalCluster:
             p.popen.wait(5)
 
     def stop(self) -> None:
-        order = ([p for p in self.procs if p.name == "gateway"] + self.worker_procs()
-                 + [p for p in self.procs if p.name == "kms"])
+        order = (
+            [p for p in self.procs if p.name == "gateway"]
+            + self.worker_procs()
+            + [p for p in self.procs if p.name == "kms"]
+        )
         for p in order:
             if p.popen is not None and p.popen.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

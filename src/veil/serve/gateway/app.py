@@ -66,19 +66,28 @@ class Gateway:
         self._done: OrderedDict[str, tuple[int, dict[str, str], bytes]] = OrderedDict()
         self._capture = cfg.capture_file.open("ab") if cfg.capture_file else None
         reg = self.registry = CollectorRegistry()
-        self.m_requests = Counter("veil_gateway_requests", "Requests answered", ["path", "status"], registry=reg)
-        self.m_latency = Histogram("veil_gateway_request_seconds", "End-to-end latency at the gateway",
-                                   registry=reg, buckets=(0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+        self.m_requests = Counter(
+            "veil_gateway_requests", "Requests answered", ["path", "status"], registry=reg
+        )
+        self.m_latency = Histogram(
+            "veil_gateway_request_seconds",
+            "End-to-end latency at the gateway",
+            registry=reg,
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+        )
         self.m_retries = Counter("veil_gateway_retries", "Requests re-sent to another replica", registry=reg)
-        self.m_dedup = Counter("veil_gateway_deduplicated", "Duplicate request ids answered from cache", registry=reg)
+        self.m_dedup = Counter(
+            "veil_gateway_deduplicated", "Duplicate request ids answered from cache", registry=reg
+        )
         self.m_healthy = Gauge("veil_gateway_replicas_healthy", "Healthy replicas", registry=reg)
         self.m_known = Gauge("veil_gateway_replicas", "Known replicas", registry=reg)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         conn = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-        self.session = aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(
-            total=self.cfg.request_timeout_s, sock_connect=2.0))
+        self.session = aiohttp.ClientSession(
+            connector=conn, timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, sock_connect=2.0)
+        )
         await self.poll_once()
         self._poller = asyncio.create_task(self._poll_loop())
 
@@ -100,7 +109,9 @@ class Gateway:
         if self.session is None:
             return
         try:
-            async with self.session.get(r.url + "/veil/v1/status", timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
+            async with self.session.get(
+                r.url + "/veil/v1/status", timeout=aiohttp.ClientTimeout(total=2.0)
+            ) as resp:
                 doc = await resp.json() if resp.status == 200 else {}
         except (aiohttp.ClientError, TimeoutError, ValueError):
             doc = {}
@@ -129,8 +140,9 @@ class Gateway:
             self._capture.write(len(body).to_bytes(8, "big") + body)
             self._capture.flush()
 
-    async def forward(self, method: str, path: str, model: str, body: bytes, headers: dict[str, str],
-                      request_id: str) -> tuple[int, dict[str, str], bytes]:
+    async def forward(
+        self, method: str, path: str, model: str, body: bytes, headers: dict[str, str], request_id: str
+    ) -> tuple[int, dict[str, str], bytes]:
         """Send to a replica; on a connection-level failure, re-send to another one."""
         if self.session is None:
             raise ServeError("gateway not started")
@@ -152,8 +164,11 @@ class Gateway:
                 async with self.session.request(method, r.url + path, data=body, headers=headers) as resp:
                     data = await resp.read()
                     status = resp.status
-                    out_h = {k: v for k, v in resp.headers.items()
-                             if k.lower() in ("content-type", "inference-header-content-length")}
+                    out_h = {
+                        k: v
+                        for k, v in resp.headers.items()
+                        if k.lower() in ("content-type", "inference-header-content-length")
+                    }
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
                 r.healthy = False
                 r.failures += 1
@@ -170,7 +185,11 @@ class Gateway:
             out_h["x-veil-replica"] = r.id
             out_h["x-request-id"] = request_id
             return status, out_h, data
-        return 503, {"content-type": "application/json"}, msgspec.json.encode({"error": f"service unavailable: {last}"})
+        return (
+            503,
+            {"content-type": "application/json"},
+            msgspec.json.encode({"error": f"service unavailable: {last}"}),
+        )
 
     async def handle(self, method: str, path: str, model: str, request: Request) -> Response:
         t0 = time.perf_counter()
@@ -195,7 +214,9 @@ class Gateway:
             status, out_h, data = await asyncio.shield(self._inflight[rid])
             out_h = {**out_h, "x-veil-deduplicated": "1"}
         else:
-            fut: asyncio.Future[tuple[int, dict[str, str], bytes]] = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[tuple[int, dict[str, str], bytes]] = (
+                asyncio.get_running_loop().create_future()
+            )
             self._inflight[rid] = fut
             try:
                 status, out_h, data = await self.forward(method, path, model, body, headers, rid)
@@ -223,8 +244,12 @@ def create_app(gw: Gateway) -> FastAPI:
         yield
         await gw.stop()
 
-    app = FastAPI(title="veil gateway", version="1", lifespan=lifespan,
-                  description="Open Inference Protocol (KServe v2) gateway in front of attested enclave workers.")
+    app = FastAPI(
+        title="veil gateway",
+        version="1",
+        lifespan=lifespan,
+        description="Open Inference Protocol (KServe v2) gateway in front of attested enclave workers.",
+    )
 
     def healthy() -> list[ReplicaState]:
         return [r for r in gw.router.replicas.values() if r.healthy]
@@ -275,9 +300,19 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.get("/veil/v1/replicas")
     async def replicas() -> list[dict[str, Any]]:
-        return [{"id": r.id, "url": r.url, "healthy": r.healthy, "outstanding": r.outstanding, "tee": r.tee,
-                 "models": sorted(r.models), "ewma_latency_s": r.ewma_latency_s, "epc_pressure": r.epc_pressure}
-                for r in gw.router.replicas.values()]
+        return [
+            {
+                "id": r.id,
+                "url": r.url,
+                "healthy": r.healthy,
+                "outstanding": r.outstanding,
+                "tee": r.tee,
+                "models": sorted(r.models),
+                "ewma_latency_s": r.ewma_latency_s,
+                "epc_pressure": r.epc_pressure,
+            }
+            for r in gw.router.replicas.values()
+        ]
 
     @app.get("/metrics")
     async def metrics() -> Response:

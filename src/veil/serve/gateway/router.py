@@ -27,12 +27,22 @@ class ReplicaState:
     failures: int = 0
 
     def snapshot(self) -> Replica:
-        return Replica(id=self.id, url=self.url, host=self.host, outstanding=self.outstanding,
-                       epc_pressure=self.epc_pressure, ewma_latency_s=self.ewma_latency_s, healthy=self.healthy,
-                       service_time_s=self.service_time_s, models=self.models)
+        return Replica(
+            id=self.id,
+            url=self.url,
+            host=self.host,
+            outstanding=self.outstanding,
+            epc_pressure=self.epc_pressure,
+            ewma_latency_s=self.ewma_latency_s,
+            healthy=self.healthy,
+            service_time_s=self.service_time_s,
+            models=self.models,
+        )
 
     def observe_latency(self, seconds: float) -> None:
-        self.ewma_latency_s = seconds if self.ewma_latency_s == 0 else 0.8 * self.ewma_latency_s + 0.2 * seconds
+        self.ewma_latency_s = (
+            seconds if self.ewma_latency_s == 0 else 0.8 * self.ewma_latency_s + 0.2 * seconds
+        )
 
 
 class Router:

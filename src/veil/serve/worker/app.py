@@ -96,18 +96,35 @@ class Worker:
         self._stop = threading.Event()
         self._ewma = 0.0
         reg = self.registry = CollectorRegistry()
-        self.m_enclave = Gauge("veil_worker_enclave_bytes", "Model bytes held in enclave memory", registry=reg)
-        self.m_pressure = Gauge("veil_worker_epc_paging_pressure", "EPC paging pressure of this host", registry=reg)
+        self.m_enclave = Gauge(
+            "veil_worker_enclave_bytes", "Model bytes held in enclave memory", registry=reg
+        )
+        self.m_pressure = Gauge(
+            "veil_worker_epc_paging_pressure", "EPC paging pressure of this host", registry=reg
+        )
         self.m_outstanding = Gauge("veil_worker_outstanding_requests", "Requests in progress", registry=reg)
-        self.m_service = Gauge("veil_worker_service_time_seconds", "EWMA per-request service time", registry=reg)
+        self.m_service = Gauge(
+            "veil_worker_service_time_seconds", "EWMA per-request service time", registry=reg
+        )
         self.m_requests = Counter("veil_worker_requests", "Requests served", ["outcome"], registry=reg)
-        self.m_latency = Histogram("veil_worker_request_seconds", "Request latency inside the worker",
-                                   registry=reg, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
-        self.m_attest = Counter("veil_worker_attestations", "Attestations to the KMS", ["outcome"], registry=reg)
-        self.m_info = Gauge("veil_worker_info", "Worker identity", ["tee", "model", "version", "format", "worker"],
-                            registry=reg)
-        self.m_info.labels(self.tee_label, self.manifest.name, self.manifest.version, self.manifest.format,
-                           self.worker_id).set(1)
+        self.m_latency = Histogram(
+            "veil_worker_request_seconds",
+            "Request latency inside the worker",
+            registry=reg,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+        )
+        self.m_attest = Counter(
+            "veil_worker_attestations", "Attestations to the KMS", ["outcome"], registry=reg
+        )
+        self.m_info = Gauge(
+            "veil_worker_info",
+            "Worker identity",
+            ["tee", "model", "version", "format", "worker"],
+            registry=reg,
+        )
+        self.m_info.labels(
+            self.tee_label, self.manifest.name, self.manifest.version, self.manifest.format, self.worker_id
+        ).set(1)
 
     # ------------------------------------------------------------------ attestation
     def attest_once(self) -> KeyRelease:
@@ -136,7 +153,9 @@ class Worker:
                 delay = min(delay * 2, 2.0)
         key = rel.keys[0]
         if not hmac.compare_digest(key.signer, self.manifest.signer):
-            raise PackageError("the KMS key for this package belongs to another signer (package substituted?)")
+            raise PackageError(
+                "the KMS key for this package belongs to another signer (package substituted?)"
+            )
         plain = decrypt_payload(self.package, key.key)
         self.runner = load_runner(self.manifest, plain)
         del plain
@@ -149,8 +168,13 @@ class Worker:
         self.m_enclave.set(self.runner.footprint_bytes)
         self._open_epc()
         self.ready = True
-        log.warning("worker %s ready: model %s v%s on a %s TEE", self.worker_id, self.manifest.name,
-                    self.manifest.version, self.tee_label.upper() if self.enclave.simulated else self.tee_label)
+        log.warning(
+            "worker %s ready: model %s v%s on a %s TEE",
+            self.worker_id,
+            self.manifest.name,
+            self.manifest.version,
+            self.tee_label.upper() if self.enclave.simulated else self.tee_label,
+        )
         if self.cfg.reattest_s > 0:
             threading.Thread(target=self._reattest_loop, name="veil-reattest", daemon=True).start()
 
@@ -160,8 +184,11 @@ class Worker:
         except ImportError:  # the EPC model is optional
             return
         try:
-            self.epc = epc.open_epc(simulated=self.enclave.simulated, worker_id=self.worker_id,
-                                    enclave_mb=self.runner.footprint_bytes / 2**20 if self.runner else 0.0)
+            self.epc = epc.open_epc(
+                simulated=self.enclave.simulated,
+                worker_id=self.worker_id,
+                enclave_mb=self.runner.footprint_bytes / 2**20 if self.runner else 0.0,
+            )
         except VeilError as exc:
             log.warning("EPC monitor unavailable: %s", exc)
 
@@ -196,8 +223,15 @@ class Worker:
         req = v2.decode_request(body, header_length)
         out = self.runner.infer(req.inputs, req.outputs)
         params = {"tee": self.tee_label}
-        return v2.encode_response(self.manifest.name, self.manifest.version, req.id, out,
-                                  binary=req.binary_outputs, all_binary=req.all_binary, parameters=params)
+        return v2.encode_response(
+            self.manifest.name,
+            self.manifest.version,
+            req.id,
+            out,
+            binary=req.binary_outputs,
+            all_binary=req.all_binary,
+            parameters=params,
+        )
 
     def complete(self, body: bytes) -> bytes:
         if not isinstance(self.runner, HFRunner):
@@ -209,17 +243,31 @@ class Worker:
         if doc.model and doc.model != self.manifest.name:
             raise ModelNotFound(f"no model {doc.model!r} here")
         text, ids, new = self.runner.complete(doc.prompt, doc.max_tokens)
-        return msgspec.json.encode({
-            "id": doc.id or "", "object": "text_completion", "model": self.manifest.name, "tee": self.tee_label,
-            "choices": [{"index": 0, "text": text, "token_ids": new, "finish_reason": "length"}],
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": len(new), "total_tokens": len(ids) + len(new)},
-        })
+        return msgspec.json.encode(
+            {
+                "id": doc.id or "",
+                "object": "text_completion",
+                "model": self.manifest.name,
+                "tee": self.tee_label,
+                "choices": [{"index": 0, "text": text, "token_ids": new, "finish_reason": "length"}],
+                "usage": {
+                    "prompt_tokens": len(ids),
+                    "completion_tokens": len(new),
+                    "total_tokens": len(ids) + len(new),
+                },
+            }
+        )
 
     def metadata(self) -> dict[str, Any]:
         m = self.manifest
-        return {"name": m.name, "versions": [m.version], "platform": m.format,
-                "inputs": [t.model_dump() for t in m.inputs], "outputs": [t.model_dump() for t in m.outputs],
-                "parameters": {"tee": self.tee_label, "signer": m.signer}}
+        return {
+            "name": m.name,
+            "versions": [m.version],
+            "platform": m.format,
+            "inputs": [t.model_dump() for t in m.inputs],
+            "outputs": [t.model_dump() for t in m.outputs],
+            "parameters": {"tee": self.tee_label, "signer": m.signer},
+        }
 
     def service_evidence(self, nonce: bytes) -> bytes:
         if not self.ready:
@@ -227,8 +275,9 @@ class Worker:
         if not 16 <= len(nonce) <= 64:
             raise InferenceInputError("nonce must be 16..64 bytes")
         ev = self.enclave.attest(identity_report_data(self.identity_pub, self.tls_cert_pem, nonce))
-        return codec.encode(ServiceEvidence(evidence=ev, x25519_public=self.identity_pub,
-                                            tls_cert_pem=self.tls_cert_pem))
+        return codec.encode(
+            ServiceEvidence(evidence=ev, x25519_public=self.identity_pub, tls_cert_pem=self.tls_cert_pem)
+        )
 
 
 class CompletionRequest(BaseModel):
@@ -241,8 +290,13 @@ class CompletionRequest(BaseModel):
 
 def _err(exc: Exception, status: int | None = None) -> JSONResponse:
     if status is None:
-        status = 404 if isinstance(exc, ModelNotFound) else 400 if isinstance(
-            exc, InferenceInputError | ProtocolError | VeilError) else 500
+        status = (
+            404
+            if isinstance(exc, ModelNotFound)
+            else 400
+            if isinstance(exc, InferenceInputError | ProtocolError | VeilError)
+            else 500
+        )
         if isinstance(exc, ServeError):
             status = 503
     return JSONResponse({"error": str(exc)}, status_code=status)
@@ -262,12 +316,18 @@ def create_app(worker: Worker) -> FastAPI:
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        return JSONResponse({"ready": worker.ready, "tee": worker.tee_label}, status_code=200 if worker.ready else 503)
+        return JSONResponse(
+            {"ready": worker.ready, "tee": worker.tee_label}, status_code=200 if worker.ready else 503
+        )
 
     @app.get("/v2")
     async def server_meta() -> dict[str, Any]:
-        return {"name": "veil-worker", "version": "1", "extensions": ["binary_tensor_data", "veil_e2e"],
-                "tee": worker.tee_label}
+        return {
+            "name": "veil-worker",
+            "version": "1",
+            "extensions": ["binary_tensor_data", "veil_e2e"],
+            "tee": worker.tee_label,
+        }
 
     @app.get("/v2/models/{model}")
     async def model_meta(model: str) -> Response:
@@ -280,9 +340,13 @@ def create_app(worker: Worker) -> FastAPI:
     @app.get("/v2/models/{model}/ready")
     async def model_ready(model: str) -> Response:
         ok = model == name and worker.ready
-        return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 404 if model != name else 503)
+        return JSONResponse(
+            {"name": model, "ready": ok}, status_code=200 if ok else 404 if model != name else 503
+        )
 
-    async def _run(fn: Callable[[], tuple[bytes, int | None]], request: Request, model: str, path: str) -> Response:
+    async def _run(
+        fn: Callable[[], tuple[bytes, int | None]], request: Request, model: str, path: str
+    ) -> Response:
         t0 = time.perf_counter()
         worker.outstanding += 1
         worker.m_outstanding.set(worker.outstanding)
@@ -356,17 +420,24 @@ def create_app(worker: Worker) -> FastAPI:
             nonce = bytes.fromhex(doc["nonce"])
             return Response(worker.service_evidence(nonce), media_type="application/msgpack")
         except (KeyError, TypeError, ValueError, msgspec.DecodeError):
-            return _err(InferenceInputError("body must be {\"nonce\": hex}"))
+            return _err(InferenceInputError('body must be {"nonce": hex}'))
         except VeilError as exc:
             return _err(exc)
 
     @app.get("/veil/v1/status")
     async def status() -> dict[str, Any]:
-        return {"worker_id": worker.worker_id, "ready": worker.ready, "tee": worker.tee_label,
-                "measurement": worker.enclave.measurement, "model": worker.manifest.name,
-                "enclave_bytes": worker.runner.footprint_bytes if worker.runner else 0, "pid": os.getpid(),
-                "service_time_s": worker._ewma, "outstanding": worker.outstanding,
-                "epc_pressure": worker.epc.paging_pressure() if worker.epc is not None else 0.0}
+        return {
+            "worker_id": worker.worker_id,
+            "ready": worker.ready,
+            "tee": worker.tee_label,
+            "measurement": worker.enclave.measurement,
+            "model": worker.manifest.name,
+            "enclave_bytes": worker.runner.footprint_bytes if worker.runner else 0,
+            "pid": os.getpid(),
+            "service_time_s": worker._ewma,
+            "outstanding": worker.outstanding,
+            "epc_pressure": worker.epc.paging_pressure() if worker.epc is not None else 0.0,
+        }
 
     @app.get("/metrics")
     async def metrics() -> Response:
