@@ -201,3 +201,11 @@ def test_own_path_verifies_real_quotes_against_intel_root() -> None:
             verify_quote_signatures(
                 parse_quote(bytes(b)), trusted_root_der=root.public_bytes(Encoding.DER), now=now
             )
+
+
+def test_vectors_dir_honours_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert VECTORS is not None
+    monkeypatch.setenv("VEIL_VECTORS", str(VECTORS.parent))
+    assert _vectors_dir() == VECTORS
+    monkeypatch.setenv("VEIL_VECTORS", str(VECTORS))
+    assert _vectors_dir() == VECTORS

@@ -67,11 +67,25 @@ def test_attest_labels_and_signature_fields() -> None:
 
 
 def test_logs_say_simulated(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="veil.tee"):
+    from veil.tee import EnclaveKeyExchange, Policy, Verifier, client_key_exchange, new_nonce
+
+    with caplog.at_level(logging.DEBUG, logger="veil.tee"):
         enc = load_enclave("simulated", code=[b"c"], config={})
-        enc.attest(b"n")
+        kx = EnclaveKeyExchange(enc)
+        nonce = new_nonce()
+        verifier = Verifier(
+            Policy(
+                allow_simulated=True,
+                trust_any_simulated_platform=True,
+                allowed_measurements={enc.measurement},
+            )
+        )
+        pub, _ = client_key_exchange(kx.offer(nonce), verifier, nonce)
+        kx.finish(pub)
+        enc.seal(b"x")
     msgs = [r.getMessage() for r in caplog.records if r.name.startswith("veil.tee")]
-    assert msgs and all("simulated" in m.lower() for m in msgs)
+    assert len(msgs) >= 5
+    assert all("simulated" in m.lower() for m in msgs), msgs
 
 
 def test_seal_unseal() -> None:
