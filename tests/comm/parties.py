@@ -73,3 +73,17 @@ def big_receiver(chan: Channel, pieces: int) -> dict[str, int]:
         checksum += float(arr.sum())
     chan.send(Total(total=int(checksum)))
     return {**chan.stats.as_dict(), "checksum": int(checksum), "payload": payload}
+
+
+def die_hard(chan: Channel) -> None:
+    """Simulate a crashed process: exit without closing the channel or reporting."""
+    import os
+
+    chan.send(Total(total=1))
+    time.sleep(0.2)
+    os._exit(3)
+
+
+def recv_twice(chan: Channel) -> None:
+    chan.recv(Total)
+    chan.recv(Total)

@@ -83,3 +83,11 @@ def test_unknown_remote_exception_type() -> None:
 def test_bad_transport(run_parties: RP) -> None:
     with pytest.raises(ConfigError):
         run_parties(parties.sum_sender, parties.sum_replier, transport="carrier-pigeon")
+
+
+@pytest.mark.slow
+def test_crashed_process_detected_without_waiting_for_timeout(run_parties: RP) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(PartyFailure, match=r"party b process exited \(code 3\)"):
+        run_parties(parties.recv_twice, parties.die_hard, transport="grpc", timeout=60)
+    assert time.monotonic() - t0 < 30
