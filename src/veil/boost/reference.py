@@ -120,6 +120,7 @@ def train_reference(
     depth = params.max_depth
     model = PlainModel(depth, base_margin_of(params, y), params.objective, [])
     margin = np.full(n, model.base_margin)
+    dirs = [bool(np.any(b == mb)) for b in bins]
     best: tuple[float, int] = (np.inf, 0)
     for t in range(params.n_estimators):
         g, h = objective_grad_hess(params.objective, margin, y)
@@ -135,11 +136,11 @@ def train_reference(
             if level == depth:
                 break
             all_gains = []
-            for b in tbins:
+            for b, both in zip(tbins, dirs, strict=True):
                 hg = histogram(b, ind * g[:, None], mb + 1)
                 hh = histogram(b, ind * h[:, None], mb + 1)
-                gl = candidate_sums(hg, mb)
-                hl = candidate_sums(hh, mb)
+                gl = candidate_sums(hg, mb, both)
+                hl = candidate_sums(hh, mb, both)
                 all_gains.append(gains(gl, hl, gsum, hsum, params.reg_lambda, params.min_child_weight))
             cat = np.concatenate(all_gains, axis=1)
             win = np.argmax(cat, axis=1)
@@ -153,7 +154,7 @@ def train_reference(
                 node = 2**level - 1 + k
                 w = int(win[k])
                 p, local = (0, w) if w < n0 else (1, w - n0)
-                f, ml, bb = candidate_layout(local, mb)
+                f, ml, bb = candidate_layout(local, mb, dirs[p])
                 s = SplitInfo(f, bb, ml, 0.0)
                 splits[node] = (p, s)
                 c = child_left_bits(tbins[p], s, mb).astype(float)

@@ -12,12 +12,12 @@ import numpy.typing as npt
 __all__ = ["INVALID_GAIN", "candidate_sums", "gains", "leaf_weight", "objective_grad_hess"]
 
 #: Gain given to candidates that violate ``min_child_weight`` (below any real gain).
-INVALID_GAIN = -1.0e6
+INVALID_GAIN = -float(2**30)
 
 F64 = npt.NDArray[np.float64]
 
 
-def candidate_sums(hist: F64, max_bin: int) -> F64:
+def candidate_sums(hist: F64, max_bin: int, both_dirs: bool = True) -> F64:
     """Left-child sums of every candidate.
 
     ``hist`` has shape (nodes, features, max_bin + 1) with the NaN bin last; the result has shape
@@ -27,6 +27,8 @@ def candidate_sums(hist: F64, max_bin: int) -> F64:
     nodes, feats, _ = hist.shape
     cum = np.cumsum(hist[:, :, :max_bin], axis=2)
     miss = hist[:, :, max_bin : max_bin + 1]
+    if not both_dirs:
+        return cum.reshape(nodes, feats * max_bin)
     both = np.stack([cum, cum + miss], axis=2)  # (nodes, F, 2, max_bin)
     return both.reshape(nodes, feats * 2 * max_bin)
 

@@ -27,14 +27,18 @@ class SplitInfo:
     threshold: float
 
 
-def n_candidates(n_features: int, max_bin: int) -> int:
-    """Split candidates of one party for one node: (feature, missing direction, bin)."""
-    return n_features * 2 * max_bin
+def n_candidates(n_features: int, max_bin: int, both_dirs: bool = True) -> int:
+    """Split candidates of one party for one node: (feature, missing direction, bin).
+
+    A party whose training columns have no missing value uses only "missing goes right"
+    (``both_dirs=False``): the other direction would give identical gains.
+    """
+    return n_features * (2 if both_dirs else 1) * max_bin
 
 
-def candidate_layout(index: int, max_bin: int) -> tuple[int, bool, int]:
+def candidate_layout(index: int, max_bin: int, both_dirs: bool = True) -> tuple[int, bool, int]:
     """Candidate index -> (feature, missing_left, bin)."""
-    f, rest = divmod(int(index), 2 * max_bin)
+    f, rest = divmod(int(index), (2 if both_dirs else 1) * max_bin)
     d, b = divmod(rest, max_bin)
     return f, bool(d), b
 

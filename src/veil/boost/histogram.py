@@ -1,0 +1,292 @@
+"""Secret-shared bucket sums ("histograms") of shared vectors over one party's private bins.
+
+Both aggregators compute, for the feature owner ``holder`` with plaintext bin indices
+``bins`` (n, F) and a secret-shared matrix ``V`` (n, c), shares of ``M^T V`` where ``M`` is the
+owner's one-hot bucket matrix (n, F * n_bins), feature-major. Neither party learns ``V``;
+the non-owner learns nothing about ``bins``.
+
+* :class:`SSAggregator` (``ss-agg``): correlated randomness with a mask ``A`` for ``M``. The
+  owner sends ``E = M - A`` once per tree (uniform); for each batch the non-owner sends
+  ``F = V_other - B`` (uniform); owner: ``M^T (V_own + F) + C_own`` (sparse bucket sums),
+  non-owner: ``E^T B + C_other`` (dense, independent of the data). ``C = A^T B``.
+* :class:`HEAggregator` (``he-agg``): the non-owner encrypts its share of ``V`` under its own
+  key (several values packed per ciphertext), the owner adds its share, sums ciphertexts per
+  bucket with its plaintext bins (``CiphertextArray.bucket_sums``), adds a statistically hiding
+  mask (40 bits wider than the sum, never reduced mod 2^64 before decryption), re-randomises and
+  returns them; the non-owner decrypts and keeps ``sum + r mod 2^64``, the owner ``-r``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from veil.boost.errors import BoostProtocolError
+from veil.boost.messages import CiphertextBatch, Opening, expect_stage
+from veil.crypto.mpc import MPC
+from veil.crypto.mpc_ring import ring_matmul
+from veil.crypto.random import random_int_array
+from veil.crypto.sharing import AShare
+
+__all__ = ["HEAggregator", "SSAggregator", "onehot_bucket_sums"]
+
+U64 = npt.NDArray[np.uint64]
+I32 = npt.NDArray[np.int32]
+
+_CHUNK = 1 << 22
+STAT_BITS = 40
+
+
+def onehot_bucket_sums(bins: I32, n_bins: int, x: U64) -> U64:
+    """``M^T x mod 2^64`` for the one-hot matrix of ``bins`` (n, F) and ``x`` (n, c)."""
+    n, feats = bins.shape
+    c = x.shape[1]
+    out = np.zeros((feats * n_bins, c), dtype=np.uint64)
+    for f in range(feats):
+        col = bins[:, f]
+        order = np.argsort(col, kind="stable")
+        counts = np.bincount(col, minlength=n_bins)
+        nz = np.nonzero(counts)[0]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[nz]
+        if nz.size:
+            sums = np.add.reduceat(x[order], starts, axis=0)
+            out[f * n_bins + nz] = sums
+    return out
+
+
+def _dense_onehot(bins: I32, n_bins: int) -> U64:
+    n, feats = bins.shape
+    m = np.zeros((n, feats * n_bins), dtype=np.uint64)
+    rows = np.arange(n)
+    for f in range(feats):
+        m[rows, f * n_bins + bins[:, f]] = 1
+    return m
+
+
+class _Timed:
+    """Accumulates seconds per category (he, triples, network...)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.he_ops = 0
+
+    def add(self, key: str, dt: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + dt
+
+
+class SSAggregator:
+    """``ss-agg`` bucket sums for one feature owner (see module docstring)."""
+
+    def __init__(self, mpc: MPC, holder: int, bins: I32 | None, n_rows: int, n_features: int, n_bins: int,
+                 stage: str, timing: _Timed) -> None:
+        self.mpc = mpc
+        self.holder = holder
+        self.n = n_rows
+        self.k = n_features * n_bins
+        self.n_bins = n_bins
+        self.stage = stage
+        self.timing = timing
+        self.bins = bins
+        self._et: U64 | None = None
+        if self.k == 0:
+            return
+        t0 = time.perf_counter()
+        self.ctx, a = mpc.triples.matrix_mask(self.n, self.k, holder)
+        self.timing.add("triples", time.perf_counter() - t0)
+        ch = mpc.channel
+        if mpc.party == holder:
+            if bins is None or a is None:
+                raise BoostProtocolError("feature owner has no bins or no mask")
+            e = (_dense_onehot(bins, n_bins) - a).ravel()
+            for start in range(0, e.size, _CHUNK):
+                ch.send(Opening(f"{stage}/E", [e[start : start + _CHUNK]]))
+        else:
+            parts: list[U64] = []
+            got = 0
+            while got < self.n * self.k:
+                msg = ch.recv(Opening)
+                expect_stage(msg.stage, f"{stage}/E")
+                if len(msg.values) != 1 or msg.values[0].dtype != np.uint64 or msg.values[0].ndim != 1:
+                    raise BoostProtocolError("malformed masked bucket matrix")
+                parts.append(msg.values[0])
+                got += msg.values[0].size
+            if got != self.n * self.k:
+                raise BoostProtocolError("masked bucket matrix has the wrong size")
+            self._et = np.ascontiguousarray(np.concatenate(parts).reshape(self.n, self.k).T)
+        self._b: U64 | None = None
+        self._c: U64 | None = None
+        self._z: U64 | None = None
+        self._used = 0
+
+    def new_tree(self, columns: int, stage: str) -> None:
+        """Fetch the vector correlation for all ``columns`` bucket-sum columns of one tree.
+
+        ``B`` is data-independent, so the non-owner's dense ``E^T B`` is computed here once per
+        tree (one big product instead of one per level).
+        """
+        self.stage = stage
+        self._used = 0
+        if self.k == 0:
+            return
+        t0 = time.perf_counter()
+        self._b, self._c = self.mpc.triples.matrix_vector_triple(self.ctx, columns)
+        self.timing.add("triples", time.perf_counter() - t0)
+        if self.mpc.party != self.holder:
+            if self._b is None or self._et is None:
+                raise BoostProtocolError("bucket-sum correlation missing")
+            self._z = ring_matmul(self._et, self._b) + self._c
+
+    def sums(self, v: AShare) -> AShare:
+        """Shares of ``M^T v`` for shared ``v`` (n, c); result (F * n_bins, c), same scale."""
+        mpc = self.mpc
+        c = v.shape[1]
+        if self.k == 0:
+            return AShare(np.zeros((0, c), np.uint64), mpc.party, v.frac_bits)
+        if self._c is None or self._used + c > self._c.shape[1]:
+            raise BoostProtocolError("bucket-sum correlation exhausted (call new_tree first)")
+        cols = slice(self._used, self._used + c)
+        self._used += c
+        ch = mpc.channel
+        if mpc.party == self.holder:
+            msg = ch.recv(Opening)
+            expect_stage(msg.stage, f"{self.stage}/F{cols.start}")
+            f = msg.values[0] if len(msg.values) == 1 else None
+            if f is None or f.dtype != np.uint64 or f.shape != (self.n, c) or self.bins is None:
+                raise BoostProtocolError("malformed masked vector in bucket sums")
+            z = onehot_bucket_sums(self.bins, self.n_bins, v.values + f) + self._c[:, cols]
+        else:
+            if self._b is None or self._z is None:
+                raise BoostProtocolError("bucket-sum correlation missing")
+            ch.send(Opening(f"{self.stage}/F{cols.start}", [np.ascontiguousarray(v.values - self._b[:, cols])]))
+            z = self._z[:, cols]
+        return AShare(np.ascontiguousarray(z), mpc.party, v.frac_bits)
+
+
+class HEAggregator:
+    """``he-agg`` bucket sums for one feature owner (see module docstring).
+
+    ``my_keys`` is this party's key pair (used when it is the non-owner), ``peer_pk`` the
+    peer's public key (used when this party owns the features).
+    """
+
+    def __init__(self, mpc: MPC, holder: int, bins: I32 | None, n_rows: int, n_features: int, n_bins: int,
+                 stage: str, timing: _Timed, my_keys: Any, peer_pk: Any) -> None:
+        self.mpc = mpc
+        self.holder = holder
+        self.n = n_rows
+        self.n_features = n_features
+        self.n_bins = n_bins
+        self.bins = bins
+        self.stage = stage
+        self.timing = timing
+        self.my_keys = my_keys
+        self.peer_pk = peer_pk
+        self.calls = 0
+        # slot layout: share (64 bits) + owner's share (64) -> < 2^65; sum over n rows; + mask
+        self.sum_bits = 65 + max(1, math.ceil(math.log2(max(n_rows, 2))))
+        self.slot_bits = self.sum_bits + STAT_BITS + 1
+        pk = peer_pk if mpc.party == holder else my_keys.public
+        self.slots = max(1, (int(pk.plaintext_bits) - 1) // self.slot_bits)
+
+    def new_tree(self, columns: int, stage: str) -> None:
+        """Nothing to prepare per tree (keys are set up once)."""
+        self.stage = stage
+
+    def _pack(self, vals: U64) -> list[int]:
+        """Rows of ``vals`` (r, c) -> r * ceil(c / slots) packed ints (row-major)."""
+        r, c = vals.shape
+        per = math.ceil(c / self.slots)
+        pad = per * self.slots - c
+        if pad:
+            vals = np.concatenate([vals, np.zeros((r, pad), np.uint64)], axis=1)
+        grouped = vals.reshape(r * per, self.slots)
+        out = [0] * (r * per)
+        cols = [grouped[:, s].tolist() for s in range(self.slots)]
+        sb = self.slot_bits
+        for s in range(self.slots - 1, -1, -1):
+            col = cols[s]
+            out = [(o << sb) | v for o, v in zip(out, col, strict=True)]
+        return out
+
+    def _unpack(self, ints: list[int], rows: int, c: int) -> U64:
+        per = math.ceil(c / self.slots)
+        mask = (1 << self.slot_bits) - 1
+        m64 = (1 << 64) - 1
+        out = np.empty((rows * per, self.slots), dtype=np.uint64)
+        for s in range(self.slots):
+            sh = s * self.slot_bits
+            out[:, s] = np.array([((v >> sh) & mask) & m64 for v in ints], dtype=np.uint64)
+        return out.reshape(rows, per * self.slots)[:, :c]
+
+    def sums(self, v: AShare) -> AShare:
+        mpc = self.mpc
+        c = v.shape[1]
+        k = self.n_features * self.n_bins
+        if k == 0:
+            return AShare(np.zeros((0, c), np.uint64), mpc.party, v.frac_bits)
+        self.calls += 1
+        st = f"{self.stage}/{self.calls}"
+        per = math.ceil(c / self.slots)
+        ch = mpc.channel
+        from veil.crypto.he.base import CiphertextArray
+
+        if mpc.party != self.holder:
+            t0 = time.perf_counter()
+            ct = self.my_keys.public.encrypt(self._pack(v.values))
+            data = ct.to_bytes()
+            self.timing.add("he", time.perf_counter() - t0)
+            self.timing.he_ops += len(ct)
+            ch.send(CiphertextBatch(f"{st}/enc", data, len(ct)))
+            msg = ch.recv(CiphertextBatch)
+            expect_stage(msg.stage, f"{st}/sums")
+            t0 = time.perf_counter()
+            back = CiphertextArray.from_bytes(self.my_keys.public, msg.data)
+            if len(back) != k * per:
+                raise BoostProtocolError(f"expected {k * per} bucket-sum ciphertexts, got {len(back)}")
+            ints = self.my_keys.secret.decrypt(back)
+            bound = 1 << (self.slots * self.slot_bits)
+            if any(x < 0 or x >= bound for x in ints):
+                raise BoostProtocolError("decrypted bucket sum out of range")
+            self.timing.add("he", time.perf_counter() - t0)
+            self.timing.he_ops += len(back)
+            z = self._unpack(ints, k, c)
+        else:
+            if self.bins is None:
+                raise BoostProtocolError("feature owner has no bins")
+            msg = ch.recv(CiphertextBatch)
+            expect_stage(msg.stage, f"{st}/enc")
+            t0 = time.perf_counter()
+            ct = CiphertextArray.from_bytes(self.peer_pk, msg.data)
+            if len(ct) != self.n * per:
+                raise BoostProtocolError(f"expected {self.n * per} ciphertexts, got {len(ct)}")
+            ct = ct + self._pack(v.values)
+            cols = []
+            for j in range(per):
+                cols.append(ct[np.arange(j, self.n * per, per)].bucket_sums(self.bins, self.n_bins))
+            # interleave back to (k, per) row-major
+            joined = CiphertextArray.concat(cols)
+            order = np.arange(k * per).reshape(per, k).T.ravel()
+            summed = joined[order]
+            r = random_int_array(k * per * self.slots, self.slot_bits - 1)
+            rr = np.array([x & ((1 << 64) - 1) for x in r], dtype=np.uint64).reshape(k * per, self.slots)
+            masks = self._pack_ints(r, k * per)
+            out = (summed + masks).rerandomize()
+            self.timing.add("he", time.perf_counter() - t0)
+            self.timing.he_ops += len(ct) * (1 + self.n_features) + 2 * len(out)
+            ch.send(CiphertextBatch(f"{st}/sums", out.to_bytes(), len(out)))
+            z = (np.zeros_like(rr) - rr).reshape(k, per * self.slots)[:, :c]
+        return AShare(np.ascontiguousarray(z), mpc.party, v.frac_bits)
+
+    def _pack_ints(self, r: list[int], count: int) -> list[int]:
+        out = []
+        sb = self.slot_bits
+        for i in range(count):
+            acc = 0
+            for s in range(self.slots - 1, -1, -1):
+                acc = (acc << sb) | r[i * self.slots + s]
+            out.append(acc)
+        return out
