@@ -168,6 +168,7 @@ class Verifier:
         self.policy = policy
         self.clock = clock
         self.collateral_provider = collateral_provider
+        self._warned_simulated = False
 
     # ------------------------------------------------------------------ public
     def verify(self, evidence: Evidence, *, report_data: bytes | None = None) -> VerifiedClaims:
@@ -241,7 +242,11 @@ class Verifier:
             raise AttestationError(
                 "check 'signature' failed: simulated evidence signature does not verify"
             ) from e
-        log.warning("verifying SIMULATED evidence (allow_simulated=True): no hardware guarantee")
+        if not self._warned_simulated:  # once per verifier, then debug: serving verifies per session
+            self._warned_simulated = True
+            log.warning("accepting SIMULATED evidence (allow_simulated=True): no hardware guarantee")
+        else:
+            log.debug("accepting SIMULATED evidence (allow_simulated=True)")
         return VerifiedClaims(
             backend=ev.backend, measurement=ev.measurement.lower(), report_data=ev.report_data,
             timestamp=ev.timestamp, debug=ev.debug, simulated=True,
