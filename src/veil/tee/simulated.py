@@ -11,8 +11,9 @@ refuse simulated evidence unless their policy says ``allow_simulated=True`` and 
 and result says ``simulated``. It exists so the whole stack runs and is tested without SGX/TDX.
 
 :class:`SimulatedEnclave` runs in-process; :class:`SimulatedEnclaveProcess` keeps the platform
-key in a child process and talks to it over a pipe with msgspec-encoded messages (no pickle),
-so the parent never holds the key.
+key in a child process and talks to it over a pipe with msgspec-encoded messages, so the parent
+never holds the key. (The start-up arguments — code paths, config JSON — reach the child through
+multiprocessing's spawn, which pickles them; every request and answer afterwards is msgspec.)
 """
 
 from __future__ import annotations
