@@ -41,6 +41,7 @@ import fcntl
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -293,7 +294,10 @@ class SimulatedEpcHost:
             self._write(raw)
         log.info(
             "SIMULATED EPC: worker %s registered a %.1f MiB enclave on host %s (budget %.1f MiB)",
-            self.worker_id, self.enclave_mb, self.host, self.epc_mb,
+            self.worker_id,
+            self.enclave_mb,
+            self.host,
+            self.epc_mb,
         )
 
     def _write(self, raw: dict[str, Any]) -> None:
@@ -475,7 +479,8 @@ def open_epc(
         raise ConfigError(f"bad simulated EPC setting: {exc}") from None
     if root is None:
         base = os.environ.get("VEIL_SIM_EPC_DIR") or os.path.join(
-            os.environ.get("XDG_RUNTIME_DIR") or "/tmp", f"veil-epc-{os.getuid()}"  # noqa: S108
+            os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir(),
+            f"veil-epc-{os.getuid()}",
         )
         root = Path(base)
     return SimulatedEpcHost(
