@@ -250,3 +250,19 @@ def test_kex_over_sgx_quotes(pki) -> None:
         client_key_exchange(kx2.offer(nonce), verifier, nonce)
     assert isinstance(offer, AttestedOffer)
     assert struct.calcsize("<H") == 2
+
+
+def test_tdx_mr_seam_and_rtmr_policy(pki) -> None:
+    from veil.tee.dcap.testing import td_report_body  # noqa: F401  (layout used by tdx_quote)
+
+    raw = pki.tdx_quote(mr_td=MRTD, report_data=b"n")
+    q = parse_quote(raw)
+    seam, rtmr0 = q.body.mr_seam.hex(), q.body.rtmr[0].hex()
+    ok = _policy(pki, sgx={"tdx_allowed_mr_seam": {seam}, "tdx_expected_rtmrs": {0: rtmr0}})
+    assert _verify(pki, raw, policy=ok).extra["mr_seam"] == seam
+    with pytest.raises(AttestationError, match="check 'mr-seam'"):
+        _verify(pki, raw, policy=_policy(pki, sgx={"tdx_allowed_mr_seam": {"00" * 48}}))
+    with pytest.raises(AttestationError, match="check 'rtmr'"):
+        _verify(pki, raw, policy=_policy(pki, sgx={"tdx_expected_rtmrs": {1: "ab" * 48}}))
+    with pytest.raises(ValueError):
+        SgxPolicy(tdx_expected_rtmrs={7: "00"})

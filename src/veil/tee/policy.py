@@ -76,11 +76,21 @@ class SgxPolicy(BaseModel):
     accepted_tcb_statuses: set[str] = Field(default_factory=lambda: {"UpToDate"})
     rejected_advisories: set[str] = Field(default_factory=set)
     trusted_root_der: bytes | None = None
+    # TDX only: allowed TDX-module measurements and exact RTMR values (index -> hex) when set
+    tdx_allowed_mr_seam: set[str] = Field(default_factory=set)
+    tdx_expected_rtmrs: dict[int, str] = Field(default_factory=dict)
 
-    @field_validator("allowed_mrsigner")
+    @field_validator("allowed_mrsigner", "tdx_allowed_mr_seam")
     @classmethod
     def _hex(cls, v: set[str]) -> set[str]:
-        return _norm_hex(v, "allowed_mrsigner")
+        return _norm_hex(v, "allowed_mrsigner / tdx_allowed_mr_seam")
+
+    @field_validator("tdx_expected_rtmrs")
+    @classmethod
+    def _rtmrs(cls, v: dict[int, str]) -> dict[int, str]:
+        if any(k not in (0, 1, 2, 3) for k in v):
+            raise ValueError("tdx_expected_rtmrs keys must be 0..3")
+        return {k: next(iter(_norm_hex([h], "tdx_expected_rtmrs"))) for k, h in v.items()}
 
     @field_validator("trusted_root_der")
     @classmethod

@@ -150,9 +150,15 @@ def verify_with_dcap_qvl(
 
 
 def check_sgx_identity(body: SgxReportBody | TdReportBody, policy: Policy) -> None:
-    """MRSIGNER / ISV product id / ISV SVN checks of :class:`SgxPolicy` (SGX bodies only)."""
+    """MRSIGNER / ISV product id / ISV SVN (SGX) or MR_SEAM / RTMR (TDX) checks of :class:`SgxPolicy`."""
     sp = policy.sgx
-    if not isinstance(body, SgxReportBody):
+    if isinstance(body, TdReportBody):
+        seam = body.mr_seam.hex()
+        if sp.tdx_allowed_mr_seam and not any(hmac.compare_digest(seam, s) for s in sp.tdx_allowed_mr_seam):
+            raise _fail("mr-seam", f"TDX module MR_SEAM {seam[:16]}… is not allowed by the policy")
+        for i, want in sorted(sp.tdx_expected_rtmrs.items()):
+            if not hmac.compare_digest(body.rtmr[i].hex(), want):
+                raise _fail("rtmr", f"RTMR{i} does not match the policy")
         return
     signer = body.mr_signer.hex()
     if sp.allowed_mrsigner and not any(hmac.compare_digest(signer, s) for s in sp.allowed_mrsigner):
