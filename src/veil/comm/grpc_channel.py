@@ -49,6 +49,7 @@ _SERVICE = "veil.Channel"
 _MORE, _LAST, _HELLO = 0, 1, 2
 _SEND_QUEUE_CHUNKS = 8
 _RECV_QUEUE_FRAMES = 16
+_RECV_BUDGET_BYTES = 256 << 20  # received-but-unread frames held beyond one frame (back-pressure)
 _POLL = 0.25
 _CLOSE_GRACE = 5.0
 
@@ -104,6 +105,8 @@ class GrpcChannel(FrameChannel):
         self.peer_fingerprint = peer_fingerprint
         self._sendq: queue.Queue[object] = queue.Queue(maxsize=_SEND_QUEUE_CHUNKS)
         self._recvq: queue.Queue[object] = queue.Queue(maxsize=_RECV_QUEUE_FRAMES)
+        self._queued_bytes = 0
+        self._budget = threading.Condition()
         self._torn_down = threading.Event()
         self._reader_done = threading.Event()
         self._writer_done = threading.Event()
@@ -290,6 +293,17 @@ class GrpcChannel(FrameChannel):
                 pass
 
     def _deliver(self, item: object) -> bool:
+        if isinstance(item, bytes | bytearray):
+            # hold at most ~_RECV_BUDGET_BYTES of unread frames (always room for one): the
+            # reader then stops reading and HTTP/2 flow control slows the sender down
+            with self._budget:
+                while (
+                    self._queued_bytes > 0
+                    and self._queued_bytes + len(item) > _RECV_BUDGET_BYTES
+                    and not self._torn_down.is_set()
+                ):
+                    self._budget.wait(_POLL)
+                self._queued_bytes += len(item)
         while not self._torn_down.is_set():
             try:
                 self._recvq.put(item, timeout=_POLL)
@@ -312,6 +326,10 @@ class GrpcChannel(FrameChannel):
                 except queue.Full:
                     pass
             raise type(item)(str(item))
+        if isinstance(item, bytes | bytearray):
+            with self._budget:
+                self._queued_bytes -= len(item)
+                self._budget.notify_all()
         if not isinstance(item, bytes | bytearray):
             raise ChannelError(f"internal error: unexpected item {type(item).__name__} in the receive queue")
         return item
