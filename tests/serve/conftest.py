@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 
-@pytest.fixture(autouse=True)
-def _veil_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    home = tmp_path_factory.getbasetemp() / "veil-home"
+@pytest.fixture(autouse=True, scope="session")
+def _veil_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # session-wide (cluster processes inherit it): a private simulated platform key and EPC registry
+    home = tmp_path_factory.getbasetemp() / "veil-serve-home"
     home.mkdir(exist_ok=True, mode=0o700)
-    monkeypatch.setenv("VEIL_HOME", str(home))
+    saved = {k: os.environ.get(k) for k in ("VEIL_HOME", "VEIL_SIM_EPC_DIR")}
+    os.environ["VEIL_HOME"] = str(home)
+    os.environ["VEIL_SIM_EPC_DIR"] = str(tmp_path_factory.getbasetemp() / "veil-serve-epc")
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ class GatewayConfig(BaseModel):
     max_attempts: int = Field(default=4, ge=1, le=32)
     dedup_entries: int = Field(default=4096, ge=0)
     capture_file: Path | None = None
-    """Debug/test only: append every request body the gateway handled (to show what it can see)."""
+    """Debug/test only: append every request and response body the gateway handled (what it can see)."""
 
 
 class Gateway:
@@ -231,6 +231,7 @@ class Gateway:
                 self._done[rid] = (status, out_h, data)
                 if len(self._done) > self.cfg.dedup_entries:
                     self._done.popitem(last=False)
+        self._record(data)
         self.m_requests.labels(path.rsplit("/", 1)[-1], str(status)).inc()
         self.m_latency.observe(time.perf_counter() - t0)
         media = out_h.pop("content-type", "application/json")
