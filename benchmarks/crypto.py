@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,93 +100,22 @@ def bench_aead(total_mb: int) -> list[dict[str, Any]]:
     return out
 
 
-def bench_channels(total_mb: int, chunk_mb: int = 4) -> list[dict[str, Any]]:
+def bench_channels(total_mb: int, message_mb: int = 4) -> list[dict[str, Any]]:
+    """Loopback channel throughput via veil.comm.bench (grpc: two OS processes over mTLS)."""
     try:
-        from veil.comm import MemoryChannel, Message
+        from veil.comm.bench import channel_throughput
     except ImportError as exc:  # veil.comm not there yet
         console.print(f"[yellow]channel benchmark skipped: {exc}[/]")
         return []
-
-    class Blob(Message, frozen=True):
-        data: np.ndarray
-
-    class Ack(Message, frozen=True):
-        n: int
-
-    n_msgs = max(1, total_mb // chunk_mb)
-    payload = np.frombuffer(random_bytes(chunk_mb << 20), dtype=np.uint8)
-
-    def run(sender: Any, receiver: Any) -> float:
-        err: list[BaseException] = []
-
-        def recv_side() -> None:
-            try:
-                got = 0
-                for _ in range(n_msgs):
-                    got += receiver.recv(Blob, timeout=120).data.nbytes
-                receiver.send(Ack(n=got))
-            except BaseException as exc:
-                err.append(exc)
-
-        t = threading.Thread(target=recv_side, daemon=True)
-        t0 = time.perf_counter()
-        t.start()
-        for _ in range(n_msgs):
-            sender.send(Blob(data=payload))
-        ack = sender.recv(Ack, timeout=120)
-        dt = time.perf_counter() - t0
-        t.join(timeout=30)
-        if err:
-            raise err[0]
-        if ack.n != n_msgs * payload.nbytes:
-            raise SystemExit("channel benchmark: byte count mismatch")
-        return dt
-
     rows = []
-    a, b = MemoryChannel.pair(timeout=120)
-    dt = run(a, b)
-    rows.append(
-        {
-            "channel": "MemoryChannel",
-            "mb": n_msgs * chunk_mb,
-            "mb_s": n_msgs * payload.nbytes / dt / 1e6,
-            "bytes_sent": a.stats.bytes_sent,
-        }
-    )
-    a.close()
-    b.close()
-    try:
-        from veil.comm.grpc_channel import GrpcChannel, GrpcListener
-        from veil.comm.identity import PartyIdentity
-    except ImportError as exc:
-        console.print(f"[yellow]GrpcChannel benchmark skipped: {exc}[/]")
-        return rows
-    alice, bob = PartyIdentity.generate("alice"), PartyIdentity.generate("bob")
-    listener = GrpcListener("127.0.0.1:0", alice, bob.fingerprint, peer_cert=bob.cert_pem, timeout=120)
-    box: dict[str, Any] = {}
-    th = threading.Thread(target=lambda: box.setdefault("srv", listener.accept(60)), daemon=True)
-    th.start()
-    cli = GrpcChannel.connect(
-        f"127.0.0.1:{listener.port}",
-        bob,
-        alice.fingerprint,
-        peer_cert=alice.cert_pem,
-        timeout=120,
-        connect_timeout=60,
-    )
-    th.join(timeout=60)
-    srv = box["srv"]
-    dt = run(cli, srv)
-    rows.append(
-        {
-            "channel": "GrpcChannel (mTLS, 127.0.0.1)",
-            "mb": n_msgs * chunk_mb,
-            "mb_s": n_msgs * payload.nbytes / dt / 1e6,
-            "bytes_sent": cli.stats.bytes_sent,
-        }
-    )
-    cli.close()
-    srv.close()
+    for transport, label in (
+        ("memory", "MemoryChannel (threads)"),
+        ("grpc", "GrpcChannel (2 processes, mTLS)"),
+    ):
+        r = channel_throughput(transport, total_mb=total_mb, message_mb=message_mb)
+        if r["sender_bytes_sent"] != r["receiver_bytes_received"]:
+            raise SystemExit(f"{label}: byte counters differ")
+        rows.append({"channel": label, "mb": r["payload_bytes"] / 1e6, "mb_s": r["mb_per_s"], **r})
     return rows
 
 
@@ -298,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         t2.add_row(f"{r['cipher']} aead_encrypt (1 MiB msgs)", f"{r['aead_encrypt_mb_s']:,.0f}")
         t2.add_row(f"{r['cipher']} SecureSession encrypt+decrypt", f"{r['session_roundtrip_mb_s']:,.0f}")
     for r in results["channels"]:
-        t2.add_row(f"{r['channel']} ({r['mb']} MiB, 4 MiB msgs)", f"{r['mb_s']:,.0f}")
+        t2.add_row(f"{r['channel']} ({r['mb']:.0f} MB, {r['message_mb']} MB msgs)", f"{r['mb_s']:,.0f}")
     console.print(t2)
     console.print(
         f"load average 1 min: start {meta['load_avg_1m']}, end {meta['load_avg_1m_end']} "
