@@ -265,3 +265,30 @@ def test_connect_retries_until_server_is_up(ids: dict[str, PartyIdentity]) -> No
     t.join(20)
     ch.close()
     assert out == {"msg": "late"}
+
+
+def test_unread_frames_bounded_by_bytes(
+    ids: dict[str, PartyIdentity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import veil.comm.grpc_channel as gc
+
+    monkeypatch.setattr(gc, "_RECV_BUDGET_BYTES", 8 << 20)
+    alice, bob = ids["alice"], ids["bob"]
+    frame = np.zeros((2 << 20) // 8)  # ~2 MiB per message, 20 messages = 40 MiB
+
+    def slow_server(ch: GrpcChannel) -> Any:
+        time.sleep(1.5)  # the client keeps sending meanwhile
+        held = ch._queued_bytes
+        for _ in range(20):
+            ch.recv(Blob)
+        return held
+
+    port, t, out = _serve(alice, bob, slow_server, timeout=30)
+    ch = GrpcChannel.connect(f"127.0.0.1:{port}", bob, peer_cert=alice.cert_pem, timeout=30)
+    sender = threading.Thread(target=lambda: [ch.send(Blob(data=frame)) for _ in range(20)], daemon=True)
+    sender.start()
+    t.join(30)
+    sender.join(30)
+    ch.close()
+    assert "error" not in out, out.get("error")
+    assert 0 < out["result"] <= (8 << 20) + len(codec.encode(Blob(data=frame)))
