@@ -357,6 +357,30 @@ class TuneEnclave:
         self.step = int(meta.get("step", "0"))
         self._micro = 0
 
+    # ------------------------------------------------------------------ export
+    def export(self, owner_public: bytes, *, merged: bool = False) -> bytes:
+        """Adapter-only or merged weights, encrypted inside the enclave to the model owner's key."""
+        from veil.tune.export import encrypt_to_owner, export_payload
+
+        if merged:
+            tensors = self.adapter.export_merged()
+            meta: dict[str, Any] = {"kind": "merged"}
+        else:
+            tensors, cfg = self.adapter.export_adapter()
+            meta = {"kind": "adapter", "adapter_config": cfg}
+        meta.update(
+            {
+                "adapter": self.adapter.kind,
+                "model_id": self.model_id,
+                "cut_layer": self.part.cut_layer,
+                "step": self.step,
+                "tee_backend": self.enclave.backend,
+                "simulated": bool(self.enclave.simulated),
+                "measurement": self.enclave.measurement,
+            }
+        )
+        return encrypt_to_owner(export_payload(tensors, meta), owner_public)
+
 
 def _safetensors_metadata(raw: bytes) -> dict[str, str]:
     if len(raw) < 8:
