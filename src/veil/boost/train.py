@@ -41,7 +41,14 @@ from veil.boost.histogram import HEAggregator, SSAggregator, _Timed
 from veil.boost.messages import BOOST_PROTOCOL_VERSION, EarlyStop, Hello, HelloAck, TreeDone
 from veil.boost.model import PartyModel, PartyTree
 from veil.boost.params import BoostParams
-from veil.boost.reference import SPLIT_EPS, base_margin_of, col_subsample, eval_metric, masked_bins, row_subsample
+from veil.boost.reference import (
+    SPLIT_EPS,
+    base_margin_of,
+    col_subsample,
+    eval_metric,
+    masked_bins,
+    row_subsample,
+)
 from veil.boost.tree import SplitInfo, candidate_layout, child_left_bits, leaf_indicator, n_candidates
 from veil.comm import Channel
 from veil.crypto.encoding import FixedPoint
