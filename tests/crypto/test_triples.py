@@ -1,0 +1,155 @@
+"""Triple sources: every correlation is correct, for the dealer (in-process and as a separate
+party over channels) and dealer-free (HE on both backends); MPC on dealer-free triples."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from veil.comm import Channel, MemoryChannel
+from veil.crypto import he
+from veil.crypto.encoding import FixedPoint
+from veil.crypto.mpc import MPC, OneHotMatrix
+from veil.crypto.mpc_ring import ring_matmul
+from veil.crypto.sharing import share_floats
+from veil.crypto.triples import DealerSeed, LocalDealer, TrustedDealer, run_dealer
+from veil.crypto.triples_he import HomomorphicTriples
+from veil.testing import run_parties
+
+FXP = FixedPoint(20)
+
+
+def exercise(src: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["beaver"] = src.beaver((3, 7))
+    out["bits"] = src.bit_triples(5)
+    out["matmul"] = src.matmul_triple(2, 3, 4)
+    for holder in (0, 1):
+        ctx, a = src.matrix_mask(5, 3, holder)
+        out[f"mask{holder}"] = a
+        out[f"mv{holder}"] = src.matrix_vector_triple(ctx, 2)
+    return out
+
+
+def check(r0: dict[str, Any], r1: dict[str, Any]) -> None:
+    (a0, b0, c0), (a1, b1, c1) = r0["beaver"], r1["beaver"]
+    assert a0.shape == (3, 7)
+    np.testing.assert_array_equal((a0 + a1) * (b0 + b1), c0 + c1)
+    assert not np.array_equal(a0, a1)
+    (x0, y0, z0), (x1, y1, z1) = r0["bits"], r1["bits"]
+    np.testing.assert_array_equal((x0 ^ x1) & (y0 ^ y1), z0 ^ z1)
+    (p0, q0, s0), (p1, q1, s1) = r0["matmul"], r1["matmul"]
+    np.testing.assert_array_equal(ring_matmul(p0 + p1, q0 + q1), s0 + s1)
+    for holder in (0, 1):
+        a = (r0, r1)[holder][f"mask{holder}"]
+        assert (r0, r1)[1 - holder][f"mask{holder}"] is None
+        b = (r0, r1)[1 - holder][f"mv{holder}"][0]
+        assert (r0, r1)[holder][f"mv{holder}"][0] is None
+        np.testing.assert_array_equal(ring_matmul(a.T, b), r0[f"mv{holder}"][1] + r1[f"mv{holder}"][1])
+
+
+def test_local_dealer_correlations() -> None:
+    s0, s1 = LocalDealer.pair()
+    assert "TEST ONLY" in s0.trust
+    r0 = exercise(s0)
+    r1 = exercise(s1)
+    check(r0, r1)
+
+
+def test_trusted_dealer_as_third_party() -> None:
+    d0, p0 = MemoryChannel.pair(timeout=30)
+    d1, p1 = MemoryChannel.pair(timeout=30)
+    served: list[int] = []
+    t = threading.Thread(target=lambda: served.append(run_dealer(d0, d1, timeout=30)), daemon=True)
+    t.start()
+    results: dict[int, Any] = {}
+
+    def party(i: int, ch: MemoryChannel) -> None:
+        src = TrustedDealer(ch, i, timeout=30)
+        assert src.trust == "dealer"
+        results[i] = exercise(src)
+        src.close()
+
+    ths = [threading.Thread(target=party, args=(i, ch)) for i, ch in ((0, p0), (1, p1))]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join(60)
+    t.join(30)
+    check(results[0], results[1])
+    # party 0 got one seed message and nothing else; party 1 one correction per request
+    assert p0.stats.messages_received == 1
+    assert served == [p1.stats.messages_received - 1]
+    assert p0.stats.bytes_received < 200
+
+
+def test_trusted_dealer_refuses_wrong_party_seed() -> None:
+    from veil.errors import ProtocolError
+
+    a, b = MemoryChannel.pair(timeout=5)
+    a.send(DealerSeed(1, b"\x00" * 32))
+    with pytest.raises(ProtocolError):
+        TrustedDealer(b, 0, timeout=5)
+
+
+@pytest.fixture(scope="module", params=[("heu", "ou"), ("phe", "paillier")])
+def kp(request: Any) -> he.HEKeyPair:
+    backend, scheme = request.param
+    if backend not in he.available_backends():
+        pytest.skip(f"{backend} not installed")
+    return he.keygen(scheme=scheme, key_bits=1024, backend=backend)
+
+
+def test_homomorphic_triples_correlations(kp: he.HEKeyPair) -> None:
+    def role(p: int) -> Any:
+        def f(ch: Channel) -> dict[str, Any]:
+            src = HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, timeout=60)
+            assert src.trust == "homomorphic"
+            return exercise(src)
+
+        return f
+
+    r0, r1 = run_parties(role(0), role(1), timeout=300)
+    check(r0, r1)
+
+
+def _mpc_program(mpc: MPC, x: Any, y: Any, bins: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["mul"] = mpc.reveal_float(mpc.mul(x, y))
+    out["ltz"] = mpc.reveal(mpc.ltz(x))
+    oh, mx = mpc.argmax(x)
+    out["argmax"] = mpc.reveal(oh)
+    out["max"] = mpc.reveal_float(mx)
+    pm = mpc.public_matrix(OneHotMatrix(bins, 3) if bins is not None else None, holder=0, shape=(x.size, 6))
+    out["pm"] = mpc.reveal_float(pm.t_matmul(y))
+    return out
+
+
+def test_mpc_on_homomorphic_triples() -> None:
+    kp = he.keygen(scheme="ou", key_bits=1024, backend="heu" if "heu" in he.available_backends() else None)
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-50, 50, 6)
+    y = rng.uniform(-50, 50, 6)
+    bins = rng.integers(0, 3, (6, 2))
+    x0, x1 = share_floats(x, FXP)
+    y0, y1 = share_floats(y, FXP)
+
+    def role(p: int, xs: Any, ys: Any, b: Any) -> Any:
+        def f(ch: Channel) -> dict[str, Any]:
+            src = HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, timeout=120)
+            return _mpc_program(MPC(ch, p, src, FXP, timeout=120), xs, ys, b)
+
+        return f
+
+    r0, r1 = run_parties(role(0, x0, y0, bins), role(1, x1, y1, None), timeout=600)
+    np.testing.assert_allclose(r0["mul"], x * y, atol=1e-3)
+    np.testing.assert_array_equal(r0["ltz"], (x < 0).astype(np.uint64))
+    np.testing.assert_array_equal(r0["argmax"], np.eye(6, dtype=np.uint64)[np.argmax(x)])
+    np.testing.assert_allclose(r0["max"], x.max(), atol=1e-5)
+    dense = OneHotMatrix(bins, 3).to_dense().astype(float)
+    np.testing.assert_allclose(r0["pm"], dense.T @ y, atol=1e-3)
+    for k in r0:
+        np.testing.assert_array_equal(r0[k], r1[k])
