@@ -160,8 +160,8 @@ def bbc_examples(
 ) -> tuple[list[TuneExample], list[TuneExample]]:
     """BBC News as instruction tuning, split into (train, test), stratified by class.
 
-    The articles are read straight from the package folder (sorted file names), so the split
-    depends only on ``seed``. Articles are cut to ``max_article_chars`` characters (token
+    The articles are read straight from the package folder (sorted file names), duplicates
+    dropped (the corpus holds some), so the split depends only on ``seed``. Articles are cut to ``max_article_chars`` characters (token
     truncation happens in :func:`encode_examples`).
     """
     if not 0 < test_fraction < 1:
@@ -170,6 +170,7 @@ def bbc_examples(
     train: list[TuneExample] = []
     test: list[TuneExample] = []
     rng = random.Random(seed)  # noqa: S311 - data shuffling only, not a secret
+    seen: set[str] = set()  # the corpus holds duplicate articles: keep one so test never leaks into train
     for ci, name in enumerate(BBC_LABELS):
         files = sorted((root / name).glob("*.txt"))
         if not files:
@@ -177,6 +178,9 @@ def bbc_examples(
         exs = []
         for f in files:
             text = " ".join(f.read_text(errors="ignore").split())[:max_article_chars]
+            if text in seen:
+                continue
+            seen.add(text)
             exs.append(TuneExample(prompt=f"Article: {text}\nTopic:", completion=f" {name}", label=ci))
         rng.shuffle(exs)
         n_test = max(1, round(len(exs) * test_fraction))
