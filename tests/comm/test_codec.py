@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import msgspec
@@ -184,7 +185,10 @@ def test_invalid_field_value() -> None:
         codec.decode(b"VL\x01\x05Other" + body, Other)
 
 
-@settings(max_examples=200, deadline=None)
+FUZZ_EXAMPLES = int(os.environ.get("VEIL_FUZZ_EXAMPLES", "200"))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
 @given(st.binary(max_size=200), st.integers(0, 300))
 def test_fuzz_corrupted_frames_only_raise_protocol_error(junk: bytes, pos: int) -> None:
     frame = bytearray(codec.encode(Outer(a=np.arange(5), items=[Inner(name="q", values=np.ones(3))])))
@@ -249,3 +253,28 @@ def test_annotated_dtype_enforced() -> None:
         codec.decode(codec.encode(Typed(u=np.arange(3, dtype=np.int64))), Typed)
     with pytest.raises(ProtocolError, match="floating"):
         codec.decode(codec.encode(Typed(u=np.arange(3, dtype=np.uint64), f=np.arange(2))), Typed)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_random_bytes_with_valid_header(junk: bytes) -> None:
+    """Arbitrary bodies behind a valid header: only ProtocolError, never a crash or another error."""
+    try:
+        codec.decode(b"VL\x01\x05Outer" + junk, (Outer, Other))
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4))
+def test_fuzz_byte_flips(flips: list[tuple[int, int]]) -> None:
+    """Flipped bytes anywhere (array headers included) give a valid message or ProtocolError."""
+    msg = Outer(a=np.arange(6, dtype=np.int16).reshape(2, 3), items=[Inner(name="q", values=np.ones(3))])
+    frame = bytearray(codec.encode(msg))
+    for pos, val in flips:
+        frame[pos % len(frame)] = val
+    try:
+        out = codec.decode(bytes(frame), Outer)
+    except ProtocolError:
+        return
+    assert isinstance(out, Outer) and isinstance(out.a, np.ndarray)
