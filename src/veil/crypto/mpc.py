@@ -142,7 +142,7 @@ class MPC:
         return s
 
     def _send(self, arrays: Sequence[np.ndarray]) -> None:
-        self.channel.send(MpcOpen(self._next_seq(), [np.ascontiguousarray(a) for a in arrays]))
+        self.channel.send(MpcOpen(self._next_seq(), [_contig(a) for a in arrays]))
 
     def _recv(self, count: int) -> list[np.ndarray]:
         seq = self._next_seq()
@@ -156,7 +156,7 @@ class MPC:
     def exchange(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Send ``arrays`` and receive the peer's arrays of the same shapes and dtypes (1 round)."""
         seq = self._next_seq()
-        self.channel.send(MpcOpen(seq, [np.ascontiguousarray(a) for a in arrays]))
+        self.channel.send(MpcOpen(seq, [_contig(a) for a in arrays]))
         msg = self.channel.recv(MpcOpen, timeout=self.timeout)
         if msg.seq != seq:
             raise ProtocolError(f"MPC stage mismatch: peer sent step {msg.seq}, expected {seq}")
@@ -585,6 +585,11 @@ class MPC:
         # sigmoid(x) = s ? 1 - q : q
         res = q + self.mul(s, one - AShare(q.values * np.uint64(2), self.party, self.frac))
         return AShare(res.values.reshape(shp), self.party, self.frac)
+
+
+def _contig(a: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (``np.ascontiguousarray`` would make them 1-d)."""
+    return a if a.flags.c_contiguous else np.array(a, order="C")
 
 
 def _bcast(arr: U64, ndim: int) -> U64:
