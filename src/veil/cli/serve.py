@@ -226,3 +226,58 @@ def up(
     finally:
         cluster.stop()
         typer.echo("stopped")
+
+
+# ----------------------------------------------------------------------------- load (issue 7)
+# `veil serve load` belongs to the scaling work (veil.serve.load); kept in its own function.
+
+
+@app.command("load")
+@_cli
+def load(
+    url: str = typer.Option("http://127.0.0.1:8080", help="Gateway URL (loopback only)."),
+    model: str = typer.Option(..., help="Model name to call (/v2/models/NAME/infer)."),
+    rate: float = typer.Option(10.0, help="Base arrival rate, requests/s (Poisson)."),
+    pattern: str = typer.Option("steady", help="steady | spike | diurnal."),
+    duration: float = typer.Option(60.0, help="Seconds of arrivals; the run stops by itself."),
+    spike_factor: float = typer.Option(3.0, help="spike: rate multiplier during the spike."),
+    spike_start: float | None = typer.Option(None, help="spike: start, s (default: duration/3)."),
+    spike_len: float | None = typer.Option(None, help="spike: length, s (default: duration/3)."),
+    body: Path | None = typer.Option(None, help="JSON v2 request body (default: zeros from model metadata)."),
+    slo_ms: float = typer.Option(500.0, help="Latency SLO for the attainment figure."),
+    out: Path = typer.Option(Path("load.jsonl"), help="Per-request latency JSONL."),
+    plot: Path | None = typer.Option(None, help="PNG of latency and replicas over time (default: OUT.png)."),
+    seed: int = typer.Option(0, help="Seed of the arrival process."),
+    max_inflight: int = typer.Option(2000, help="In-flight cap; arrivals over it are recorded as dropped."),
+) -> None:
+    """Open-loop load (Poisson arrivals) against a local gateway; JSONL + PNG + summary."""
+    import asyncio
+    import json as _json
+
+    from veil.errors import InputError
+    from veil.serve import load as L
+
+    pat = L.LoadPattern(
+        kind=pattern, rate=rate, duration_s=duration, spike_factor=spike_factor,
+        spike_start_s=spike_start, spike_len_s=spike_len,
+    )
+    L.check_loopback(url)
+    raw = None
+    if body is not None:
+        try:
+            raw = body.read_bytes()
+            _json.loads(raw)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"--body {body}: {exc}") from None
+    typer.echo(f"load: {pattern} {rate:g} req/s for {duration:g}s against {url} (model {model})")
+    res = asyncio.run(L.load_gateway(url, model, pat, body=raw, seed=seed, max_inflight=max_inflight))
+    L.write_jsonl(res.records, out)
+    png = plot or out.with_suffix(".png")
+    L.plot_latency({model: (res.records, res.replicas)}, png, slo_s=slo_ms / 1e3,
+                   title=f"veil serve load: {pattern}, base {rate:g} req/s", rate=pat.rate_at)
+    s = L.summarize(res.records, slo_ms / 1e3)
+    typer.echo(
+        f"{s['requests']} requests, {s['errors']} errors, p50 {s['p50_s'] * 1e3:.1f} ms, "
+        f"p99 {s['p99_s'] * 1e3:.1f} ms, SLO {slo_ms:g} ms attained by {s['slo_attainment_pct']:.2f}%"
+    )
+    typer.echo(f"wrote {out} and {png}")
