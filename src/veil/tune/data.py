@@ -161,8 +161,8 @@ def bbc_examples(
     """BBC News as instruction tuning, split into (train, test), stratified by class.
 
     The articles are read straight from the package folder (sorted file names), duplicates
-    dropped (the corpus holds some), so the split depends only on ``seed``. Articles are cut to ``max_article_chars`` characters (token
-    truncation happens in :func:`encode_examples`).
+    dropped (the corpus holds some), so the split depends only on ``seed``. Articles are cut
+    to ``max_article_chars`` characters (token truncation happens in :func:`encode_examples`).
     """
     if not 0 < test_fraction < 1:
         raise ConfigError("test_fraction must be in (0, 1)")
