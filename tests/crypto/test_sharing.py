@@ -91,3 +91,24 @@ def test_errors() -> None:
         _ = a0 + 1.5
     with pytest.raises(InputError, match="shapes"):
         reconstruct(np.zeros(2, dtype=np.uint64), np.zeros(3, dtype=np.uint64))
+
+
+def test_numpy_left_operand_defers_to_share() -> None:
+    x = np.array([1, 2, 3], dtype=np.uint64)
+    p = np.array([10, 20, 30], dtype=np.uint64)
+    a, b = share(x)
+    A, B = AShare(a, 0), AShare(b, 1)
+    r0, r1 = p + A, p + B
+    assert isinstance(r0, AShare)
+    assert reconstruct(r0, r1).tolist() == [11, 22, 33]
+    assert reconstruct(p - A, p - B).tolist() == [9, 18, 27]
+    assert reconstruct(AShare.from_public(p, 0) + A, AShare.from_public(p, 1) + B).tolist() == [11, 22, 33]
+    z0 = AShare.zeros(3, 0)
+    assert reconstruct(AShare.concatenate([A, z0]), AShare.concatenate([B, AShare.zeros(3, 1)])).tolist() == [
+        1,
+        2,
+        3,
+        0,
+        0,
+        0,
+    ]
