@@ -292,3 +292,19 @@ def test_unread_frames_bounded_by_bytes(
     ch.close()
     assert "error" not in out, out.get("error")
     assert 0 < out["result"] <= (8 << 20) + len(codec.encode(Blob(data=frame)))
+
+
+def test_send_after_peer_closed_fails_fast(ids: dict[str, PartyIdentity]) -> None:
+    alice, bob = ids["alice"], ids["bob"]
+    port, t, _ = _serve(alice, bob, lambda ch: ch.close(), timeout=30)
+    ch = GrpcChannel.connect(f"127.0.0.1:{port}", bob, peer_cert=alice.cert_pem, timeout=30)
+    t.join(10)
+    deadline = time.monotonic() + 10
+    t0 = time.monotonic()
+    with pytest.raises(ChannelClosed):  # may take a few sends to see the end
+        while time.monotonic() < deadline:
+            ch.send(Blob(data=np.zeros(1 << 20)))
+            time.sleep(0.05)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(ChannelClosed, match="peer closed"):
+        ch.recv(Blob)

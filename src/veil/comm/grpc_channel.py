@@ -217,6 +217,9 @@ class GrpcChannel(FrameChannel):
         while True:
             if self._torn_down.is_set() or self._writer_done.is_set():
                 raise ChannelClosed("connection to the peer is closed")
+            if self._reader_done.is_set():
+                why = self._end_reason or ChannelClosed("connection to the peer is closed")
+                raise ChannelClosed(f"cannot send, the peer has ended the stream: {why}")
             try:
                 self._sendq.put(chunk, timeout=min(_POLL, max(0.0, deadline - time.monotonic())))
                 return
