@@ -16,6 +16,7 @@ message::
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,6 +24,10 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
+
+# gRPC's C core logs failed TLS handshakes (e.g. a refused, unpinned peer) straight to stderr;
+# veil reports them as ChannelError instead. GRPC_VERBOSITY=INFO in the environment restores them.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc
 
