@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from veil.comm import Channel, Message
 from veil.crypto.encoding import FixedPoint, as_u64
-from veil.crypto.mpc_ring import U8, U64, ring_matmul
+from veil.crypto.mpc_ring import U8, U64, RingMatrix, ring_matmul
 from veil.crypto.random import random_u64
 from veil.crypto.sharing import AShare
 from veil.crypto.triples import TripleSource
@@ -319,14 +319,19 @@ class MPC:
         return res
 
     def public_matrix(
-        self, matrix: Any | None, holder: int, shape: tuple[int, int] | None = None
+        self,
+        matrix: Any | None,
+        holder: int,
+        shape: tuple[int, int] | None = None,
+        *,
+        cache_limbs: bool | None = None,
     ) -> PublicMatrix:
         """Prepare products ``M^T X`` with ``M`` (n, k) held in plaintext by ``holder``.
 
         ``matrix`` is a uint64/int array or a :class:`OneHotMatrix` (holder only); the other party
         passes ``shape``. Sends the masked matrix ``E = M - A`` once; see :class:`PublicMatrix`.
         """
-        return PublicMatrix(self, matrix, holder, shape)
+        return PublicMatrix(self, matrix, holder, shape, cache_limbs)
 
     # ------------------------------------------------------------------ truncation
     def trunc(self, x: AShare, bits: int | None = None) -> AShare:
@@ -609,9 +614,19 @@ class PublicMatrix:
 
     which sum to ``M^T X``. Local cost: one dense (k x n)(n x c) ring product per party (float64
     limb GEMMs); with a :class:`OneHotMatrix` the holder's own term is a sparse bucket sum.
+    Batch many columns per call (e.g. g and h of every node of a level): the per-call cost of
+    splitting the mask into limbs is then amortised (``cache_limbs=True`` keeps the limbs,
+    32 bytes per matrix element; default: cache if that is below 512 MiB).
     """
 
-    def __init__(self, mpc: MPC, matrix: Any | None, holder: int, shape: tuple[int, int] | None) -> None:
+    def __init__(
+        self,
+        mpc: MPC,
+        matrix: Any | None,
+        holder: int,
+        shape: tuple[int, int] | None,
+        cache_limbs: bool | None = None,
+    ) -> None:
         if holder not in (0, 1):
             raise InputError("holder must be 0 or 1")
         self.mpc = mpc
@@ -638,7 +653,7 @@ class PublicMatrix:
         self.shape = shp
         n, k = shp
         self.ctx, a = mpc.triples.matrix_mask(n, k, holder)
-        self._mask_t: npt.NDArray[np.uint64] | None = None
+        self._mask_t: RingMatrix | None = None
         if mpc.party == holder:
             if a is None:
                 raise ProtocolError("triple source gave the holder no mask")
@@ -646,10 +661,11 @@ class PublicMatrix:
             if dense is None:
                 raise ProtocolError("missing matrix")
             _send_chunked(mpc, dense - a)
-            self._mask_t = np.ascontiguousarray(a.T)
+            del dense
+            self._mask_t = RingMatrix(a.T, cache=cache_limbs)
         else:
             e = _recv_chunked(mpc, n, k)
-            self._mask_t = np.ascontiguousarray(e.T)
+            self._mask_t = RingMatrix(e.T, cache=cache_limbs)
 
     def t_matmul(self, x: AShare) -> AShare:
         """Shares of ``M^T x`` for shared ``x`` of shape (n,) or (n, c); frac unchanged."""
@@ -673,12 +689,12 @@ class PublicMatrix:
                 own = ring_matmul(np.ascontiguousarray(self._dense.T), xv)
             else:
                 raise ProtocolError("missing matrix")
-            z = own + ring_matmul(self._mask_t, f) + c
+            z = own + self._mask_t.matmul(f) + c
         else:
             if b is None:
                 raise ProtocolError("triple source gave no vector mask")
             mpc._send([xv - b])
-            z = ring_matmul(self._mask_t, xv) + c
+            z = self._mask_t.matmul(xv) + c
         return AShare(z[:, 0] if vec else z, mpc.party, x.frac_bits)
 
 

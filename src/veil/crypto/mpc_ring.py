@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from veil.errors import InputError
 
-__all__ = ["PRG", "U8", "U64", "ring_matmul"]
+__all__ = ["PRG", "U8", "U64", "RingMatrix", "ring_matmul"]
 
 U64 = npt.NDArray[np.uint64]
 U8 = npt.NDArray[np.uint8]
@@ -51,6 +51,48 @@ def ring_matmul(a: Any, b: Any) -> U64:
                 prod = al[i] @ bl[j]  # exact: < 2^16 * 2^16 * 2^14 = 2^46
                 out += prod.astype(np.uint64) << np.uint64(_LIMB * (i + j))
     return out[:, 0] if vec else out
+
+
+class RingMatrix:
+    """A fixed left operand ``a`` (m, k) for repeated exact products ``a @ b mod 2^64``.
+
+    With ``cache=True`` the float64 limbs of ``a`` are computed once (32 bytes per element);
+    ``cache=None`` caches when that stays below ``cache_limit_bytes`` (default 512 MiB).
+    """
+
+    def __init__(self, a: Any, *, cache: bool | None = None, cache_limit_bytes: int = 512 << 20) -> None:
+        self.a = np.ascontiguousarray(np.asarray(a, dtype=np.uint64))
+        if self.a.ndim != 2:
+            raise InputError("RingMatrix needs a 2-D matrix")
+        if cache is None:
+            cache = self.a.size * 32 <= cache_limit_bytes
+        self._chunks: list[list[npt.NDArray[np.float64]]] | None = None
+        if cache:
+            k = self.a.shape[1]
+            self._chunks = [_limbs(self.a[:, s:min(k, s + _CHUNK)]) for s in range(0, k, _CHUNK)]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.a.shape[0]), int(self.a.shape[1]))
+
+    def matmul(self, b: Any) -> U64:
+        if self._chunks is None:
+            return ring_matmul(self.a, b)
+        b = np.asarray(b, dtype=np.uint64)
+        vec = b.ndim == 1
+        if vec:
+            b = b[:, None]
+        m, k = self.shape
+        if b.ndim != 2 or b.shape[0] != k:
+            raise InputError(f"RingMatrix.matmul: shapes {self.shape} and {b.shape} do not align")
+        out = np.zeros((m, b.shape[1]), dtype=np.uint64)
+        for ci, start in enumerate(range(0, k, _CHUNK)):
+            al = self._chunks[ci]
+            bl = _limbs(b[start:min(k, start + _CHUNK)])
+            for i in range(4):
+                for j in range(4 - i):
+                    out += (al[i] @ bl[j]).astype(np.uint64) << np.uint64(_LIMB * (i + j))
+        return out[:, 0] if vec else out
 
 
 class PRG:

@@ -1,0 +1,133 @@
+"""Micro-benchmarks of the MPC primitives at boost's sizes.
+
+``python -m veil.crypto.mpc_bench [--quick] [--out FILE.json]``
+
+Both parties run as threads over a :class:`~veil.comm.MemoryChannel` (frames go through the
+real codec, so bytes are real; no network latency). Triples: ``LocalDealer`` (the trusted
+dealer's generator in-process: online cost + dealer work) and ``HomomorphicTriples`` (OU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from veil.comm import Channel
+from veil.crypto.encoding import FixedPoint
+from veil.crypto.mpc import MPC, OneHotMatrix
+from veil.crypto.sharing import AShare, share_floats
+from veil.crypto.triples import LocalDealer
+from veil.testing import run_parties
+
+FXP = FixedPoint(20)
+
+
+def _timed(name: str, fn: Callable[[MPC, Any], Any], arg0: Any, arg1: Any, rows: list[dict[str, Any]],
+           sources: Any = None, **extra: Any) -> None:
+    s0, s1 = sources if sources is not None else LocalDealer.pair()
+
+    def role(p: int, src: Any, arg: Any) -> Callable[[Channel], dict[str, Any]]:
+        def f(ch: Channel) -> dict[str, Any]:
+            mpc = MPC(ch, p, src, FXP, timeout=600)
+            before = ch.stats.as_dict()
+            t = time.perf_counter()
+            fn(mpc, arg)
+            dt = time.perf_counter() - t
+            after = ch.stats.as_dict()
+            return {"seconds": dt, "bytes_sent": after["bytes_sent"] - before["bytes_sent"],
+                    "rounds": after["rounds"] - before["rounds"]}
+
+        return f
+
+    r0, r1 = run_parties(role(0, s0, arg0), role(1, s1, arg1), timeout=1200)
+    row = {"op": name, **extra, "seconds": round(max(r0["seconds"], r1["seconds"]), 4),
+           "bytes_sent_per_party": max(r0["bytes_sent"], r1["bytes_sent"]),
+           "rounds": max(r0["rounds"], r1["rounds"])}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sizes (< 1 min)")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--no-he", action="store_true", help="skip dealer-free (HE) measurements")
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(0)
+    rows: list[dict[str, Any]] = []
+    n = 20_000 if args.quick else 100_000
+    x = rng.uniform(-100, 100, n)
+    y = rng.uniform(-100, 100, n)
+    xs, ys = share_floats(x, FXP), share_floats(y, FXP)
+
+    _timed("mul", lambda m, a: m.mul(a[0], a[1]), (xs[0], ys[0]), (xs[1], ys[1]), rows, elements=n)
+    _timed("ltz", lambda m, a: m.ltz(a), xs[0], xs[1], rows, elements=n)
+    nodes, cands = (16, 1280) if not args.quick else (4, 1280)
+    g = share_floats(rng.uniform(0, 50, (nodes, cands)), FXP)
+    _timed("argmax", lambda m, a: m.argmax(a, axis=-1), g[0], g[1], rows, elements=nodes * cands,
+           shape=[nodes, cands])
+    h = share_floats(rng.uniform(1, 20_000, n // 5), FXP)
+    _timed("reciprocal", lambda m, a: m.reciprocal(a, lo=1.0, hi=2.0**16), h[0], h[1], rows,
+           elements=n // 5, range="[1, 2^16)")
+    _timed("sigmoid", lambda m, a: m.sigmoid(a), xs[0], xs[1], rows, elements=n)
+
+    rows_n, feats, bins, cols = (50_000, 20, 32, 32) if not args.quick else (10_000, 20, 32, 8)
+    b = rng.integers(0, bins, (rows_n, feats))
+    v = share_floats(rng.uniform(-1, 1, (rows_n, cols)), FXP)
+    shape = (rows_n, feats * bins)
+
+    def pm_prog(m: MPC, a: tuple[AShare, Any]) -> None:
+        t = time.perf_counter()
+        pm = m.public_matrix(a[1], holder=1, shape=shape)
+        setup = time.perf_counter() - t
+        t = time.perf_counter()
+        pm.t_matmul(a[0])
+        if m.party == 0:
+            print(json.dumps({"op": "public_matrix phases", "setup_s": round(setup, 3),
+                              "t_matmul_s": round(time.perf_counter() - t, 3)}), flush=True)
+
+    _timed("public_matrix setup + 1 product", pm_prog, (v[0], None), (v[1], OneHotMatrix(b, bins)), rows,
+           n=rows_n, k=feats * bins, cols=cols)
+
+    if not args.no_he:
+        from veil.crypto import he
+        from veil.crypto.triples_he import HomomorphicTriples
+
+        for backend, scheme in (("heu", "ou"),):
+            if backend not in he.available_backends():
+                continue
+            kp = he.keygen(scheme=scheme, key_bits=2048, backend=backend)
+            count = 500 if args.quick else 2000
+
+            def ht_role(p: int, what: str, kp: Any = kp, count: int = count) -> Callable[[Channel], float]:
+                def f(ch: Channel) -> float:
+                    src = HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, timeout=600)
+                    t = time.perf_counter()
+                    if what == "beaver":
+                        src.beaver(count)
+                    else:
+                        src.bit_triples(count // 8)
+                    return time.perf_counter() - t
+
+                return f
+
+            for what in ("beaver", "bits"):
+                t0, t1 = run_parties(ht_role(0, what), ht_role(1, what), timeout=1200)
+                dt = max(t0, t1)
+                row = {"op": f"HomomorphicTriples.{what}", "he": f"{backend}-{scheme}-2048",
+                       "elements": count, "seconds": round(dt, 3), "per_second": round(count / dt, 1)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            json.dump(rows, fh, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
