@@ -183,13 +183,14 @@ def _child(
             if chan is not None:
                 chan.abort(_abort_reason(party, exc))
         return
+    # close first: it flushes what we sent until the peer has read it or closed too, and the
+    # parent may kill a child soon after it reports
+    chan.close()
     try:
         conn.send(("ok", result))
     except Exception as exc:  # an unpicklable result
         why = f"result of party {party} cannot be sent back: {exc}"
         conn.send(("err", "veil.testing", "PartyFailure", why, ""))
-    finally:
-        chan.close()
 
 
 def _rebuild(party: str, module: str, qualname: str, message: str, tb: str) -> BaseException:

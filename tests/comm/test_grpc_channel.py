@@ -308,3 +308,34 @@ def test_send_after_peer_closed_fails_fast(ids: dict[str, PartyIdentity]) -> Non
     assert time.monotonic() - t0 < 10
     with pytest.raises(ChannelClosed, match="peer closed"):
         ch.recv(Blob)
+
+
+@pytest.mark.parametrize("server_sends", [False, True])
+def test_close_flushes_to_a_slow_reader(
+    ids: dict[str, PartyIdentity], monkeypatch: pytest.MonkeyPatch, server_sends: bool
+) -> None:
+    """A party that sends and closes at once loses nothing, even if the peer reads later."""
+    import veil.comm.grpc_channel as gc
+
+    monkeypatch.setattr(gc, "_RECV_BUDGET_BYTES", 4 << 20)  # the slow reader's buffer fills up
+    alice, bob = ids["alice"], ids["bob"]
+    got: list[Any] = []
+
+    def slow_reader(ch: GrpcChannel) -> None:
+        time.sleep(2.0)
+        with pytest.raises(ChannelClosed, match="peer closed"):
+            while True:
+                got.append(ch.recv(Blob).note)
+        ch.close()
+
+    def sender(ch: GrpcChannel) -> None:
+        for i in range(10):
+            ch.send(Blob(data=np.zeros((2 << 20) // 8), note=str(i)))
+        ch.close()
+
+    port, t, out = _serve(alice, bob, sender if server_sends else slow_reader, timeout=30)
+    ch = GrpcChannel.connect(f"127.0.0.1:{port}", bob, peer_cert=alice.cert_pem, timeout=30)
+    (slow_reader if server_sends else sender)(ch)
+    t.join(30)
+    assert "error" not in out, out.get("error")
+    assert got == [str(i) for i in range(10)]

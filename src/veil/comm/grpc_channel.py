@@ -343,13 +343,22 @@ class GrpcChannel(FrameChannel):
         return item
 
     def _shutdown(self) -> None:
-        # end our half of the stream after the control frame, give it a moment to drain
-        try:
-            self._sendq.put(_END, timeout=1.0)
-        except queue.Full:
-            pass
-        self._writer_done.wait(_CLOSE_GRACE)
-        self._reader_done.wait(_CLOSE_GRACE)
+        """Flush, then end our half of the stream; tear down once the peer has ended its half.
+
+        Everything sent before close()/abort() is delivered unless the peer neither reads it
+        nor closes within ``default_timeout`` (cancelling the call earlier could drop data
+        still in flight). Usually the peer's reader sees our end at once and ends its half.
+        """
+        deadline = time.monotonic() + self.default_timeout
+        while not (self._writer_done.is_set() or self._torn_down.is_set()):
+            try:
+                self._sendq.put(_END, timeout=_POLL)
+                break
+            except queue.Full:
+                if time.monotonic() >= deadline:
+                    break
+        self._writer_done.wait(max(0.0, deadline - time.monotonic()))
+        self._reader_done.wait(max(0.0, deadline - time.monotonic()))
         self._teardown()
 
     def _teardown(self) -> None:
