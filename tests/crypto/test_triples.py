@@ -153,3 +153,38 @@ def test_mpc_on_homomorphic_triples() -> None:
     np.testing.assert_allclose(r0["pm"], dense.T @ y, atol=1e-3)
     for k in r0:
         np.testing.assert_array_equal(r0[k], r1[k])
+
+
+def test_ot_extension_random_ots_and_and_triples() -> None:
+    from veil.crypto.triples_ot import OTExtension
+
+    rng = np.random.default_rng(9)
+    choices = [rng.integers(0, 2, 64).astype(np.uint8) for _ in range(2)]
+
+    def role(p: int) -> Any:
+        def f(ch: Channel) -> Any:
+            ot = OTExtension(ch, p, timeout=30)
+            return ot.random_ots(64, choices[p]), ot.and_triples(16)
+
+        return f
+
+    ((m0_a, m1_a, mc_a), t0), ((m0_b, m1_b, mc_b), t1) = run_parties(role(0), role(1), timeout=120)
+    # party 1 receives in the instance where party 0 sends, and vice versa
+    np.testing.assert_array_equal(mc_b, np.where(choices[1][:, None] == 1, m1_a, m0_a))
+    np.testing.assert_array_equal(mc_a, np.where(choices[0][:, None] == 1, m1_b, m0_b))
+    assert not np.array_equal(m0_a, m1_a)
+    (a0, b0, c0), (a1, b1, c1) = t0, t1
+    np.testing.assert_array_equal((a0 ^ a1) & (b0 ^ b1), c0 ^ c1)
+
+
+def test_homomorphic_bits_via_he_option() -> None:
+    kp = he.keygen(scheme="ou", key_bits=1024, backend="heu" if "heu" in he.available_backends() else None)
+
+    def role(p: int) -> Any:
+        def f(ch: Channel) -> Any:
+            return HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, bits="he").bit_triples(4)
+
+        return f
+
+    (a0, b0, c0), (a1, b1, c1) = run_parties(role(0), role(1), timeout=120)
+    np.testing.assert_array_equal((a0 ^ a1) & (b0 ^ b1), c0 ^ c1)

@@ -1,5 +1,9 @@
 """Dealer-free correlated randomness: the two parties make it themselves with additive HE.
 
+AND triples (the comparison circuit's bits) come by default from OT extension
+(:mod:`veil.crypto.triples_ot`: IKNP over base OTs on edwards25519), ``bits="he"`` makes them
+with one ciphertext per bit instead (orders of magnitude slower). Arithmetic correlations:
+
 Gilboa-style: party 0 owns an HE key pair (OU or Paillier, :mod:`veil.crypto.he`). For a cross
 term ``u * v`` with ``u`` private to party 0 and ``v`` private to party 1, party 0 sends
 ``Enc(u)``; party 1 answers ``rerandomize(Enc(u) * v + ...) + s`` with a mask ``s`` 40 bits wider
@@ -69,9 +73,14 @@ class HomomorphicTriples:
         backend: str | None = None,
         keypair: HEKeyPair | None = None,
         timeout: float | None = None,
+        bits: str = "ot",
     ) -> None:
         if party not in (0, 1):
             raise ConfigError(f"party must be 0 or 1, got {party!r}")
+        if bits not in ("ot", "he"):
+            raise ConfigError("bits must be 'ot' (OT extension) or 'he' (one ciphertext per bit)")
+        self.bits_via = bits
+        self._ot: Any = None
         self.channel = channel
         self.party = party
         self.timeout = timeout
@@ -219,6 +228,14 @@ class HomomorphicTriples:
         return a, b, c
 
     def bit_triples(self, nbytes: int) -> tuple[U8, U8, U8]:
+        if self.bits_via == "ot":
+            if self._ot is None:
+                from veil.crypto.triples_ot import OTExtension
+
+                self._ot = OTExtension(self.channel, self.party, timeout=self.timeout)
+            out: tuple[U8, U8, U8] = self._ot.and_triples(nbytes)
+            self.generated["bits"] += nbytes * 8
+            return out
         n = nbytes * 8
         x = np.unpackbits(np.frombuffer(random_u64(-(-nbytes // 8)).tobytes()[:nbytes], dtype=np.uint8))
         y = np.unpackbits(np.frombuffer(random_u64(-(-nbytes // 8)).tobytes()[:nbytes], dtype=np.uint8))
