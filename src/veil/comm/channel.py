@@ -146,7 +146,7 @@ class FrameChannel:
         tag = peek_tag(frame)
         if tag == _ABORT_TAG:
             try:
-                reason = self.codec.decode(frame, Abort).reason
+                reason = self.codec.decode(frame, Abort).reason[:4096]  # peer-controlled text: bounded
             except ProtocolError:
                 reason = "<malformed abort frame>"
             self._peer_gone = PeerError(f"peer aborted: {reason}")
