@@ -188,3 +188,25 @@ def test_homomorphic_bits_via_he_option() -> None:
 
     (a0, b0, c0), (a1, b1, c1) = run_parties(role(0), role(1), timeout=120)
     np.testing.assert_array_equal((a0 ^ a1) & (b0 ^ b1), c0 ^ c1)
+
+
+def test_homomorphic_triples_arith_via_ot() -> None:
+    kp = he.keygen(scheme="ou", key_bits=1024, backend="heu" if "heu" in he.available_backends() else None)
+    rng = np.random.default_rng(12)
+    x = rng.uniform(-30, 30, 40)
+    y = rng.uniform(-30, 30, 40)
+    x0, x1 = share_floats(x, FXP)
+    y0, y1 = share_floats(y, FXP)
+
+    def role(p: int, xs: Any, ys: Any) -> Any:
+        def f(ch: Channel) -> Any:
+            src = HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, arith="ot")
+            a, b, c = src.beaver(100)
+            mpc = MPC(ch, p, src, FXP, timeout=60)
+            return (a, b, c), mpc.reveal_float(mpc.mul(xs, ys))
+
+        return f
+
+    ((a0, b0, c0), r0), ((a1, b1, c1), _) = run_parties(role(0, x0, y0), role(1, x1, y1), timeout=120)
+    np.testing.assert_array_equal((a0 + a1) * (b0 + b1), c0 + c1)
+    np.testing.assert_allclose(r0, x * y, atol=1e-3)

@@ -74,12 +74,16 @@ class HomomorphicTriples:
         keypair: HEKeyPair | None = None,
         timeout: float | None = None,
         bits: str = "ot",
+        arith: str = "he",
     ) -> None:
         if party not in (0, 1):
             raise ConfigError(f"party must be 0 or 1, got {party!r}")
         if bits not in ("ot", "he"):
             raise ConfigError("bits must be 'ot' (OT extension) or 'he' (one ciphertext per bit)")
+        if arith not in ("ot", "he"):
+            raise ConfigError("arith must be 'he' (Gilboa with OU/Paillier) or 'ot' (Gilboa with OTs)")
         self.bits_via = bits
+        self.arith_via = arith
         self._ot: Any = None
         self.channel = channel
         self.party = party
@@ -208,7 +212,21 @@ class HomomorphicTriples:
         a, b, c = self._gen_beaver(n)
         return a.reshape(shp), b.reshape(shp), c.reshape(shp)
 
+    def _ot_engine(self) -> Any:
+        if self._ot is None:
+            from veil.crypto.triples_ot import OTExtension
+
+            self._ot = OTExtension(self.channel, self.party, timeout=self.timeout)
+        return self._ot
+
     def _gen_beaver(self, n: int) -> tuple[U64, U64, U64]:
+        if self.arith_via == "ot":
+            if n == 0:
+                z = np.zeros(0, np.uint64)
+                return z, z.copy(), z.copy()
+            out: tuple[U64, U64, U64] = self._ot_engine().beaver(n)
+            self.generated["beaver"] += n
+            return out
         a, b = random_u64(n), random_u64(n)
         al, bl = a.tolist(), b.tolist()
 
@@ -229,11 +247,7 @@ class HomomorphicTriples:
 
     def bit_triples(self, nbytes: int) -> tuple[U8, U8, U8]:
         if self.bits_via == "ot":
-            if self._ot is None:
-                from veil.crypto.triples_ot import OTExtension
-
-                self._ot = OTExtension(self.channel, self.party, timeout=self.timeout)
-            out: tuple[U8, U8, U8] = self._ot.and_triples(nbytes)
+            out: tuple[U8, U8, U8] = self._ot_engine().and_triples(nbytes)
             self.generated["bits"] += nbytes * 8
             return out
         n = nbytes * 8

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from nacl import bindings as nb
 
 from veil.comm import Channel, Message
-from veil.crypto.mpc_ring import U8
+from veil.crypto.mpc_ring import U8, U64
 from veil.crypto.random import random_bytes
 from veil.errors import ProtocolError
 
@@ -226,3 +226,24 @@ class OTExtension:
         b = lsb0 ^ lsb1
         c = (a & b) ^ lsb0 ^ lsbc
         return np.packbits(a), np.packbits(b), np.packbits(c)
+
+    def beaver(self, n: int) -> tuple[U64, U64, U64]:
+        """``n`` arithmetic Beaver triples over Z_2^64 (Gilboa multiplication with OTs).
+
+        Cross term ``u * v`` (u at the OT sender, v at the receiver): one OT per bit ``v_i``;
+        the sender sends ``d_i = m0_i - m1_i + u 2^i``, the receiver keeps ``m_{v_i} + v_i d_i
+        = m0_i + v_i u 2^i``, the sender ``-m0_i``. Two rounds, 64 OTs per direction per triple.
+        """
+        a = np.frombuffer(random_bytes(8 * n), dtype="<u8").astype(np.uint64)
+        b = np.frombuffer(random_bytes(8 * n), dtype="<u8").astype(np.uint64)
+        shifts = np.arange(64, dtype=np.uint64)
+        bits = ((b[:, None] >> shifts[None, :]) & np.uint64(1)).astype(np.uint8).ravel()  # (n*64,)
+        m0, m1, mc = self.random_ots(64 * n, bits)
+        w0 = m0[:, :8].copy().view("<u8").astype(np.uint64).reshape(n, 64)
+        w1 = m1[:, :8].copy().view("<u8").astype(np.uint64).reshape(n, 64)
+        wc = mc[:, :8].copy().view("<u8").astype(np.uint64).reshape(n, 64)
+        d = w0 - w1 + (a[:, None] << shifts[None, :])
+        (peer_d,) = self._exchange([d])
+        recv = wc + bits.reshape(n, 64).astype(np.uint64) * peer_d
+        c = a * b - w0.sum(axis=1, dtype=np.uint64) + recv.sum(axis=1, dtype=np.uint64)
+        return a, b, c
