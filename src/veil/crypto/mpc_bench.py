@@ -102,11 +102,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if backend not in he.available_backends():
                 continue
             kp = he.keygen(scheme=scheme, key_bits=2048, backend=backend)
-            count = 500 if args.quick else 2000
-
-            def ht_role(p: int, what: str, kp: Any = kp, count: int = count) -> Callable[[Channel], float]:
+            def ht_role(
+                p: int, what: str, arith: str, count: int, kp: Any = kp
+            ) -> Callable[[Channel], float]:
                 def f(ch: Channel) -> float:
-                    src = HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, timeout=600)
+                    src = HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, timeout=600,
+                                             arith=arith, bits="ot" if arith == "ot" else "he")
+                    if what != "beaver":
+                        src.bit_triples(1)  # base OTs outside the timing
                     t = time.perf_counter()
                     if what == "beaver":
                         src.beaver(count)
@@ -116,10 +119,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
                 return f
 
-            for what in ("beaver", "bits"):
-                t0, t1 = run_parties(ht_role(0, what), ht_role(1, what), timeout=1200)
+            he_n = 300 if args.quick else 2000
+            ot_n = 5000 if args.quick else 50_000
+            bit_n = 200_000 if args.quick else 2_000_000
+            for what, arith, count in (("beaver", "he", he_n), ("bits", "he", he_n // 2),
+                                       ("beaver", "ot", ot_n), ("bits", "ot", bit_n)):
+                t0, t1 = run_parties(ht_role(0, what, arith, count), ht_role(1, what, arith, count),
+                                     timeout=1200)
                 dt = max(t0, t1)
-                row = {"op": f"HomomorphicTriples.{what}", "he": f"{backend}-{scheme}-2048",
+                row = {"op": f"HomomorphicTriples.{what}", "via": arith if what == "beaver" else
+                       ("ot" if arith == "ot" else "he"), "he": f"{backend}-{scheme}-2048",
                        "elements": count, "seconds": round(dt, 3), "per_second": round(count / dt, 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
