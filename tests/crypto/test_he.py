@@ -301,3 +301,21 @@ def test_backend_from_config_logged_once(
     finally:
         monkeypatch.undo()
         reset_settings()
+
+
+def test_empty_arrays(kp: he.HEKeyPair) -> None:
+    # HEU segfaults on some empty-array operations; the wrapper must never pass one through
+    pk, sk = kp.public, kp.secret
+    e = pk.encrypt([])
+    one = pk.encrypt([5])
+    back = he.CiphertextArray.from_bytes(pk, e.to_bytes())
+    assert len(back) == 0 and sk.decrypt(back) == []
+    for r in (e + e, e - e, e + one, one + e, e + 1, e * 3, -e, e[[]], e[0:0], one[1:], e.rerandomize()):
+        assert len(r) == 0 and sk.decrypt(r) == []
+    assert sk.decrypt(e.sum()) == [0]
+    assert sk.decrypt(e.select_sums([[], []])) == [0, 0]
+    assert sk.decrypt(one.select_sums([[], [0]])) == [0, 5]
+    assert sk.decrypt(e.bucket_sums(np.zeros((0, 2), dtype=np.int64), 3)) == [0] * 6
+    assert sk.decrypt(he.CiphertextArray.concat([e, one, e])) == [5]
+    with pytest.raises(HEError):
+        he.CiphertextArray.from_bytes(pk, e.to_bytes() + b"x")

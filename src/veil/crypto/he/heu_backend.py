@@ -155,6 +155,10 @@ class HeuCiphertextArray(CiphertextArray):
         except Exception as exc:
             raise _err(op, exc) from None
 
+    def _empty(self) -> HeuCiphertextArray:
+        # HEU crashes (segfault) on some operations over empty arrays: never hand it one
+        return self.pk.encrypt(np.zeros(0, dtype=np.int64))
+
     def _bcast(self, other: HeuCiphertextArray) -> tuple[Any, Any]:
         a, b = self.arr, other.arr
         if len(self) == 1 and len(other) > 1:
@@ -164,15 +168,23 @@ class HeuCiphertextArray(CiphertextArray):
         return a, b
 
     def _add_ct(self, other: CiphertextArray) -> CiphertextArray:
+        if len(self) == 0 or len(other) == 0:
+            return self._empty()
         return self._ev("add", *self._bcast(cast(HeuCiphertextArray, other)))
 
     def _sub_ct(self, other: CiphertextArray) -> CiphertextArray:
+        if len(self) == 0 or len(other) == 0:
+            return self._empty()
         return self._ev("sub", *self._bcast(cast(HeuCiphertextArray, other)))
 
     def _add_plain(self, ints: list[int]) -> CiphertextArray:
+        if len(self) == 0:
+            return self._empty()
         return self._ev("add", self.arr, self.pk._pt(ints))
 
     def _mul_plain(self, ints: list[int]) -> CiphertextArray:
+        if len(self) == 0:
+            return self._empty()
         return self._ev("mul", self.arr, self.pk._pt(ints))
 
     def __mul__(self, other: IntsLike) -> CiphertextArray:
@@ -180,10 +192,16 @@ class HeuCiphertextArray(CiphertextArray):
         if isinstance(other, np.ndarray) and other.dtype == np.int64:
             if other.size not in (1, len(self)):
                 raise InputError(f"plaintext operand of length {other.size} does not match {len(self)}")
+            if len(self) == 0:
+                return self._empty()
             return self._ev("mul", self.arr, self.pk._pt(other))
         return super().__mul__(other)
 
     def _take(self, idx: list[int] | slice) -> CiphertextArray:
+        if len(self) == 0 or (isinstance(idx, list) and not idx):
+            return self._empty()
+        if isinstance(idx, slice) and len(range(*idx.indices(len(self)))) == 0:
+            return self._empty()
         try:
             return self._wrap(self.arr[idx])
         except Exception as exc:
@@ -201,7 +219,9 @@ class HeuCiphertextArray(CiphertextArray):
                 raise InputError(f"select_sums index out of range for length {n}")
             lists.append(gl.tolist())
         if not lists:
-            return self._take([])
+            return self._empty()
+        if n == 0 or not any(lists):
+            return self.pk.encrypt(np.zeros(len(lists), dtype=np.int64))
         return self._ev("batch_select_sum", self.arr, lists)
 
     def _bucket_sums(
@@ -240,6 +260,8 @@ class HeuCiphertextArray(CiphertextArray):
         return self._ev("add", self.arr, zeros.arr)
 
     def _payload(self) -> bytes:
+        if len(self) == 0:
+            return b""
         try:
             return bytes(self.arr.serialize())
         except Exception as exc:
@@ -307,6 +329,10 @@ class HeuBackend(HEBackend):
     def ciphertexts_from_bytes(self, pk: HEPublicKey, count: int, payload: bytes) -> CiphertextArray:
         if not isinstance(pk, HeuPublicKey):
             raise HEError("not a heu public key")
+        if count == 0:
+            if payload:
+                raise HEError("ciphertext count mismatch: header says 0, payload is not empty")
+            return pk.encrypt(np.zeros(0, dtype=np.int64))
         try:
             arr = hnp.CiphertextArray.load_from(payload)
         except Exception as exc:
