@@ -319,3 +319,17 @@ def test_empty_arrays(kp: he.HEKeyPair) -> None:
     assert sk.decrypt(he.CiphertextArray.concat([e, one, e])) == [5]
     with pytest.raises(HEError):
         he.CiphertextArray.from_bytes(pk, e.to_bytes() + b"x")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "scheme"), [("heu", "ou"), ("phe", "paillier")])
+def test_production_key_size(backend: str, scheme: str) -> None:
+    kp = he.keygen(scheme=scheme, key_bits=2048, backend=backend)
+    assert kp.public.key_bits == 2048 and kp.public.plaintext_bits >= 680
+    vals = [2**63 - 1, -(2**63), 2**104 + 12345, -7]
+    bins = np.array([[0, 1], [1, 1], [0, 0], [2, 1]])
+    ct = kp.public.encrypt(vals)
+    pk2 = he.HEPublicKey.from_bytes(kp.public.to_bytes())
+    masked = he.CiphertextArray.from_bytes(pk2, (ct.rerandomize() + pk2.encrypt([1, 2, 3, 4])).to_bytes())
+    assert kp.secret.decrypt(masked) == [v + m for v, m in zip(vals, [1, 2, 3, 4], strict=True)]
+    assert kp.secret.decrypt(ct.bucket_sums(bins, 3)) == _plain_buckets(vals, bins, 3)
