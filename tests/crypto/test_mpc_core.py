@@ -62,7 +62,7 @@ def test_mul_matches_plaintext() -> None:
 
 
 def test_trunc_exact_within_one_ulp_for_large_values() -> None:
-    x = rng.uniform(-2.0**20, 2.0**20, 2000)
+    x = rng.uniform(-(2.0**20), 2.0**20, 2000)
     y = rng.uniform(-3, 3, 2000)
     got = both(lambda m, a, b: m.mul(a, b), x, y)
     ref = FXP.decode(FXP.encode(x)) * FXP.decode(FXP.encode(y))
@@ -129,3 +129,18 @@ def test_matmul_and_public_matrix() -> None:
     (r1, r2), _ = run_mpc(prog, (sh[0], None), (sh[1], onehot))
     np.testing.assert_allclose(r1, dense.T @ v, atol=1e-3)
     np.testing.assert_allclose(r2, dense.T @ v[:, 0], atol=1e-3)
+
+
+def test_ltz_with_bit_bound() -> None:
+    bound = 2.0**10  # |x| < 2^10 real -> |ring value| < 2^30
+    x = np.concatenate([rng.uniform(-bound + 1, bound - 1, 200), [0.0, ULP, -ULP, bound - ULP, -bound + ULP]])
+    got = both(lambda m, a: AShare(m.ltz(a, bits=31).values, m.party, 20), x)
+    np.testing.assert_array_equal(got * 2**20, (x < 0).astype(float))
+    v = rng.uniform(0, 100, (3, 9))
+    sh = shared(v)
+
+    def prog(mpc: MPC, a: AShare) -> np.ndarray:
+        return mpc.reveal(mpc.argmax(a, bits=28)[0])
+
+    oh, _ = run_mpc(prog, (sh[0],), (sh[1],))
+    np.testing.assert_array_equal(oh, np.eye(9, dtype=np.uint64)[np.argmax(v, axis=1)])

@@ -12,9 +12,10 @@ Protocols (semi-honest, see docs/protocols/mpc.md for the cost table and error b
   ``|x| < 2^62``: add ``2^62`` so the value is non-negative, each party shifts its own share
   and the wrap-around bit ``w = msb(x0') OR msb(x1')`` is removed with one Beaver product
   (1 round). No probabilistic large errors (unlike SecureML's local truncation).
-* ``ltz``: sign bit as the carry-out of ``low63(x0) + low63(x1)`` (a millionaires' circuit on
-  XOR-shared bit planes, Kogge-Stone reduction, boolean AND triples), XORed with both shares'
-  top bits, then bit-to-arithmetic with one Beaver product: 8 rounds, 189 AND gates/element.
+* ``ltz``: with ``y = x + 2^l`` (``|x| < 2^l``, l = 63 by default), ``x < 0`` iff bit l of y is
+  0; bit l = both shares' bit l XOR the carry of ``low_l(y0) + low_l(y1)`` (a millionaires'
+  circuit on XOR-shared bit planes, Kogge-Stone reduction, boolean AND triples), then
+  bit-to-arithmetic with one Beaver product: 8 rounds and 189 AND gates/element for l = 63.
 * ``argmax``: tournament of ``ltz`` + ``select``, log2(m) levels, shared one-hot + max.
 * ``reciprocal`` / ``div``: bit-length normalisation into [0.5, 1) with one batch of
   comparisons against the powers of two in ``[lo, hi)``, linear initial guess, 3 Newton steps.
@@ -47,7 +48,6 @@ __all__ = ["MPC", "MpcOpen", "OneHotMatrix", "PublicMatrix"]
 log = logging.getLogger("veil.crypto")
 
 _ONE = np.uint64(1)
-_LOW63 = np.uint64((1 << 63) - 1)
 _S63 = np.uint64(63)
 _EXP_SQUARINGS = 12
 _SIGMOID_CLAMP = 32
@@ -391,22 +391,25 @@ class MPC:
         self.counters["and_gates"] += int(x.size) * 8
         return z
 
-    def _carry63(self, values: U64) -> U8:
-        """XOR shares (packed) of carry-out of ``low63(x0) + low63(x1)``."""
-        n = values.size
-        low = values & _LOW63
-        shifts = np.arange(63, dtype=np.uint64)[:, None]
-        planes = ((low[None, :] >> shifts) & _ONE).astype(np.uint8)  # (63, n)
-        packed = np.packbits(planes, axis=1)  # (63, nb)
+    def _carry(self, values: U64, bits: int) -> U8:
+        """XOR shares (packed) of the carry into bit ``bits`` of ``low(x0) + low(x1)`` (low
+        ``bits`` bits of each party's share): a Kogge-Stone reduction over bit planes."""
+        low = values & np.uint64((1 << bits) - 1)
+        shifts = np.arange(bits, dtype=np.uint64)[:, None]
+        planes = ((low[None, :] >> shifts) & _ONE).astype(np.uint8)  # (bits, n)
+        packed = np.packbits(planes, axis=1)  # (bits, nb)
         nb = packed.shape[1]
         zeros = np.zeros_like(packed)
         mine_a = packed if self.party == 0 else zeros
         mine_b = packed if self.party == 1 else zeros
-        g = self._and(mine_a.ravel(), mine_b.ravel()).reshape(63, nb)
+        g = self._and(mine_a.ravel(), mine_b.ravel()).reshape(bits, nb)
         p = packed  # XOR sharing of a_j ^ b_j is (a_j, b_j)
-        # pad to 64 planes with a neutral top group (G=0, P=1): the result is the carry into bit 63
-        g = np.concatenate([g, np.zeros((1, nb), np.uint8)])
-        p = np.concatenate([p, np.full((1, nb), 0xFF if self.party == 0 else 0, np.uint8)])
+        # pad to a power of two with neutral top groups (G=0, P=1)
+        width = 1 << max(1, (bits - 1).bit_length())
+        pad = width - bits
+        if pad:
+            g = np.concatenate([g, np.zeros((pad, nb), np.uint8)])
+            p = np.concatenate([p, np.full((pad, nb), 0xFF if self.party == 0 else 0, np.uint8)])
         while g.shape[0] > 1:
             g_lo, g_hi = g[0::2], g[1::2]
             p_lo, p_hi = p[0::2], p[1::2]
@@ -420,17 +423,25 @@ class MPC:
             ).reshape(2 * half, nb)
             g = g_hi ^ both[:half]
             p = both[half:]
-        del n
         return g[0]
 
-    def ltz(self, x: AShare) -> AShare:
-        """Shared bit ``[x < 0]`` (signed interpretation; frac 0), 8 rounds."""
+    def ltz(self, x: AShare, *, bits: int = 63) -> AShare:
+        """Shared bit ``[x < 0]`` (signed; frac 0). ``bits``: promise that ``|x| < 2^bits``
+        (default 63 = any ring element); smaller values need fewer AND gates (about
+        ``3 * bits``). ``2 + ceil(log2 bits)`` rounds."""
+        if not 1 <= bits <= 63:
+            raise InputError("ltz: bits must be in [1, 63]")
         flat = x.values.ravel()
         n = flat.size
         if n == 0:
             return AShare(np.zeros(x.shape, np.uint64), self.party, 0)
-        carry = np.unpackbits(self._carry63(flat))[:n].astype(np.uint64)
-        bit = carry ^ (flat >> _S63)  # XOR share of msb(x)
+        # y = x + 2^bits lies in [0, 2^(bits+1)); x < 0  <=>  bit `bits` of y is 0
+        y = flat + np.uint64(1 << bits) if self.party == 0 else flat
+        carry = np.unpackbits(self._carry(y, bits))[:n].astype(np.uint64)
+        top = (y >> np.uint64(bits)) & _ONE
+        bit = carry ^ top
+        if self.party == 0:
+            bit ^= _ONE
         p = self._private_bit_product(bit)
         res = bit - (p << _ONE)  # b0 + b1 - 2 b0 b1
         self.counters["ltz"] += n
@@ -450,10 +461,11 @@ class MPC:
         return self.mul(1 - self.ltz(x), x)
 
     # ------------------------------------------------------------------ argmax
-    def argmax(self, x: AShare, axis: int = -1) -> tuple[AShare, AShare]:
+    def argmax(self, x: AShare, axis: int = -1, *, bits: int = 63) -> tuple[AShare, AShare]:
         """Tournament argmax along ``axis``: (shared one-hot (frac 0), shared max).
 
         Ties go to the lower index. log2(m) levels of (ltz + one batched multiplication).
+        ``bits``: promise that every pairwise difference satisfies ``|d| < 2^bits`` (cheaper).
         """
         xv = np.moveaxis(x.values, axis, -1)
         m = xv.shape[-1]
@@ -468,7 +480,7 @@ class MPC:
             k = cur // 2
             left = vals[..., 0 : 2 * k : 2]
             right = vals[..., 1 : 2 * k : 2]
-            b = self.ltz(left - right)  # 1 -> right wins
+            b = self.ltz(left - right, bits=bits)  # 1 -> right wins
             # factor for each original position: left member -> 1-b, right -> b, leftover -> 1
             pair = np.minimum(owner // 2, k - 1)
             is_left = (owner % 2 == 0) & (owner < 2 * k)
@@ -495,8 +507,8 @@ class MPC:
         oh = AShare(np.moveaxis(onehot.values, -1, axis), self.party, 0)
         return oh, vals[..., 0]
 
-    def max(self, x: AShare, axis: int = -1) -> AShare:
-        return self.argmax(x, axis)[1]
+    def max(self, x: AShare, axis: int = -1, *, bits: int = 63) -> AShare:
+        return self.argmax(x, axis, bits=bits)[1]
 
     # ------------------------------------------------------------------ reciprocal / division
     def _normalise(self, x: AShare, lo: float, hi: float) -> AShare:
@@ -519,7 +531,7 @@ class MPC:
                 raise InputError("reciprocal expects a value at the default fixed-point scale")
             sub = _bcast(enc if self.party == 0 else np.zeros_like(enc), x.ndim)
             stacked = AShare(x.values[None, ...] - sub, self.party, x.frac_bits)
-            ge = 1 - self.ltz(stacked)  # [x >= 2^j]
+            ge = 1 - self.ltz(stacked, bits=min(63, self.frac + e_hi + 2))  # [x >= 2^j]
             coefs = np.array([1 << (self.frac - (j + 1)) for j in js], dtype=np.uint64)
             acc = (ge.values * _bcast(coefs, x.ndim)).sum(axis=0, dtype=np.uint64)
             s = s - AShare(acc, self.party, self.frac)
