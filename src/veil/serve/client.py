@@ -6,15 +6,20 @@
     claims = client.attest()              # verifies the service evidence (any replica)
     out = client.infer("tiny", {"x": x})  # the gateway sees only ciphertext
 
-Without ``e2e`` it is a plain KServe v2 HTTP client (binary tensor extension).
+Without ``e2e`` it is a plain KServe v2 HTTP client (binary tensor extension). One keep-alive
+connection per client (``http.client``: headers and body leave in one write, so no Nagle /
+delayed-ACK stalls); use one client per thread.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
+import ssl
+import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import msgspec
 import numpy as np
 
@@ -24,9 +29,8 @@ from veil.errors import AttestationError, ConfigError
 from veil.serve import v2
 from veil.serve.e2e import (
     E2E_CONTENT_TYPE,
+    ClientE2E,
     ServiceEvidence,
-    client_open,
-    client_seal,
     verify_service_evidence,
 )
 from veil.serve.errors import ServeError
@@ -35,6 +39,17 @@ from veil.tee import Policy, VerifiedClaims, Verifier
 __all__ = ["ServeClient"]
 
 log = logging.getLogger("veil.serve.client")
+
+
+@dataclass
+class _Resp:
+    status_code: int
+    content: bytes
+    headers: dict[str, str]
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
 
 
 class ServeClient:
@@ -52,12 +67,28 @@ class ServeClient:
         self.url = url.rstrip("/")
         self.policy = policy
         self.e2e = e2e
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, verify=verify_tls)
+        u = urllib.parse.urlsplit(self.url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(f"bad service URL {url!r}")
+        self._host, self._port, self._tls = (
+            u.hostname,
+            u.port or (443 if u.scheme == "https" else 80),
+            u.scheme,
+        )
+        self._prefix = u.path.rstrip("/")
+        self._timeout = timeout
+        self._ctx: ssl.SSLContext | None = None
+        if u.scheme == "https":
+            self._ctx = ssl.create_default_context(cafile=verify_tls if isinstance(verify_tls, str) else None)
+        self._conn: http.client.HTTPConnection | None = None
         self.service_public: bytes | None = None
+        self._e2e: ClientE2E | None = None
         self.claims: VerifiedClaims | None = None
 
     def close(self) -> None:
-        self._http.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def __enter__(self) -> ServeClient:
         return self
@@ -80,14 +111,36 @@ class ServeClient:
         se = codec.decode(r.content, ServiceEvidence)
         self.claims = verify_service_evidence(se, Verifier(self.policy), nonce)
         self.service_public = se.x25519_public
+        self._e2e = ClientE2E(se.x25519_public)
         log.info("service attested (%s enclave %s)", self.claims.label, self.claims.measurement[:16])
         return self.claims
 
-    def _post(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
-        try:
-            return self._http.post(path, content=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise ServeError(f"cannot reach {self.url}{path}: {exc}") from None
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._ctx is not None:
+                self._conn = http.client.HTTPSConnection(
+                    self._host, self._port, timeout=self._timeout, context=self._ctx
+                )
+            else:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        return self._conn
+
+    def _post(self, path: str, body: bytes, headers: dict[str, str]) -> _Resp:
+        for attempt in (0, 1):
+            conn = self._connect()
+            try:
+                conn.request("POST", self._prefix + path, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                return _Resp(r.status, data, {k.lower(): v for k, v in r.getheaders()})
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                self.close()  # a stale keep-alive connection: reconnect once
+                if attempt:
+                    raise ServeError(f"cannot reach {self.url}{path}: {exc}") from None
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise ServeError(f"cannot reach {self.url}{path}: {exc}") from None
+        raise ServeError(f"cannot reach {self.url}{path}")
 
     def _send(
         self, path: str, model: str, kind: str, body: bytes, hl: int | None, request_id: str | None
@@ -100,16 +153,16 @@ class ServeClient:
             r = self._post(path, body, headers)
             rhl = r.headers.get("inference-header-content-length")
             return r.status_code, r.content, int(rhl) if rhl else None
-        if self.service_public is None:
+        if self._e2e is None:
             self.attest()
-        if self.service_public is None:
+        if self._e2e is None:
             raise AttestationError("service key unknown after attestation")
-        wire, sess = client_seal(self.service_public, model, kind, body, hl)
+        wire, rk = self._e2e.seal(model, kind, body, hl)
         headers.update({"content-type": E2E_CONTENT_TYPE, "x-veil-model": model})
         r = self._post(path, wire, headers)
         if r.status_code != 200:
             raise ServeError(f"{path}: {r.status_code} {r.text[:200]}")
-        return client_open(sess, r.content)
+        return ClientE2E.open(rk, r.content)
 
     def infer(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, ConfigDict, Field
 
 from veil.crypto.random import random_bytes
+from veil.serve.asgi import FastPost
 from veil.serve.e2e import E2E_CONTENT_TYPE
 from veil.serve.errors import ServeError
 from veil.serve.gateway.router import NoReplicaAvailable, ReplicaState, Router
@@ -192,15 +194,24 @@ class Gateway:
         )
 
     async def handle(self, method: str, path: str, model: str, request: Request) -> Response:
+        status, out_h, data = await self.handle_raw(
+            method, path, model, dict(request.headers), await request.body()
+        )
+        media = out_h.pop("content-type", "application/json")
+        return Response(data, status_code=status, headers=out_h, media_type=media)
+
+    async def handle_raw(
+        self, method: str, path: str, model: str, req_headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Forward one request (headers lower-cased); returns (status, headers, body)."""
         t0 = time.perf_counter()
-        body = await request.body()
         self._record(body)
-        client_rid = request.headers.get("x-request-id")
+        client_rid = req_headers.get("x-request-id")
         rid = client_rid or random_bytes(12).hex()
         dedup = bool(client_rid) and self.cfg.dedup_entries > 0
         if len(rid) > 128:
-            return JSONResponse({"error": "x-request-id too long"}, status_code=400)
-        headers = {k: v for k in _FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
+            return 400, {"content-type": "application/json"}, b'{"error":"x-request-id too long"}'
+        headers = {k: v for k in _FORWARD_HEADERS if (v := req_headers.get(k)) is not None}
         headers["x-request-id"] = rid
         cached = self._done.get(rid) if dedup else None
         if cached is not None:
@@ -234,11 +245,10 @@ class Gateway:
         self._record(data)
         self.m_requests.labels(path.rsplit("/", 1)[-1], str(status)).inc()
         self.m_latency.observe(time.perf_counter() - t0)
-        media = out_h.pop("content-type", "application/json")
-        return Response(data, status_code=status, headers=out_h, media_type=media)
+        return status, dict(out_h), data
 
 
-def create_app(gw: Gateway) -> FastAPI:
+def create_app(gw: Gateway) -> FastPost:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gw.start()
@@ -319,4 +329,26 @@ def create_app(gw: Gateway) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(gw.registry), media_type="text/plain; version=0.0.4")
 
-    return app
+    async def fast_infer(
+        m: re.Match[str], headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        return await gw.handle_raw("POST", m.group(0), m.group(1), headers, body)
+
+    async def fast_completions(
+        m: re.Match[str], headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        model = headers.get("x-veil-model", "")
+        if not model and not headers.get("content-type", "").startswith(E2E_CONTENT_TYPE):
+            try:
+                model = str(msgspec.json.decode(body).get("model", ""))
+            except (msgspec.DecodeError, AttributeError):
+                return 400, {"content-type": "application/json"}, b'{"error":"body must be a JSON object"}'
+        return await gw.handle_raw("POST", "/v1/completions", model, headers, body)
+
+    return FastPost(
+        app,
+        [
+            (r"/v2/models/([^/]+)/(?:versions/[^/]+/)?infer", fast_infer),
+            (r"/v1/completions", fast_completions),
+        ],
+    )

@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from veil.comm import codec
 from veil.crypto.aead import X25519KeyPair
 from veil.errors import AttestationError, KMSError, ProtocolError, VeilError
 from veil.serve import v2
+from veil.serve.asgi import FastPost
 from veil.serve.e2e import E2E_CONTENT_TYPE, ServerE2E, ServiceEvidence, identity_report_data
 from veil.serve.errors import InferenceInputError, ModelNotFound, PackageError, ServeError
 from veil.serve.kms.client import KMSClient
@@ -302,7 +304,7 @@ def _err(exc: Exception, status: int | None = None) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=status)
 
 
-def create_app(worker: Worker) -> FastAPI:
+def create_app(worker: Worker) -> FastPost:
     app = FastAPI(title="veil worker", version="1")
     name = worker.manifest.name
 
@@ -344,13 +346,12 @@ def create_app(worker: Worker) -> FastAPI:
             {"name": model, "ready": ok}, status_code=200 if ok else 404 if model != name else 503
         )
 
-    async def _run(
-        fn: Callable[[], tuple[bytes, int | None]], request: Request, model: str, path: str
-    ) -> Response:
+    offload = worker.manifest.format == "hf-causal-lm"  # long compute: keep the event loop free
+
+    async def _run(fn: Callable[[], tuple[bytes, int | None]], model: str) -> tuple[int, bytes, int | None]:
         t0 = time.perf_counter()
         worker.outstanding += 1
         worker.m_outstanding.set(worker.outstanding)
-        sess = None
         ok = False
         try:
             _model(model)
@@ -359,7 +360,7 @@ def create_app(worker: Worker) -> FastAPI:
             delay = worker.paging_delay()
             if delay > 0:
                 await asyncio.sleep(delay)
-            body, hl = fn()
+            body, hl = await asyncio.to_thread(fn) if offload else fn()
             ok = True
             status = 200
         except (VeilError, ValueError) as exc:
@@ -369,35 +370,45 @@ def create_app(worker: Worker) -> FastAPI:
             worker.outstanding -= 1
             worker.m_outstanding.set(worker.outstanding)
             worker.observe(time.perf_counter() - t0, ok)
-        _ = sess
-        headers = {"Inference-Header-Content-Length": str(hl)} if hl is not None else {}
-        return Response(body, status_code=status, headers=headers, media_type="application/json")
+        return status, body, hl
 
-    async def _dispatch(request: Request, model: str, path: str) -> Response:
-        raw = await request.body()
-        if request.headers.get("content-type", "").startswith(E2E_CONTENT_TYPE):
-            if worker.e2e is None:
-                return _err(ServeError("worker not ready"))
+    async def dispatch(
+        headers: dict[str, str], raw: bytes, model: str, path: str
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Answer one inference / completion POST: (status, headers, body)."""
+        if headers.get("content-type", "").startswith(E2E_CONTENT_TYPE):
             e2e = worker.e2e
+            if e2e is None:
+                resp = _err(ServeError("worker not ready"))
+                return resp.status_code, {"content-type": "application/json"}, bytes(resp.body)
             try:
-                inner, ihl, sess = e2e.open(raw, model, path)
+                inner, ihl, rk = e2e.open(raw, model, path)
             except (VeilError, msgspec.DecodeError) as exc:
-                return _err(ProtocolError(f"end-to-end request rejected: {exc}"))
-            resp = await _run(lambda: _inner(path, inner, ihl), request, model, path)
-            rhl = resp.headers.get("Inference-Header-Content-Length")
-            sealed = e2e.seal(sess, resp.status_code, bytes(resp.body), int(rhl) if rhl else None)
-            return Response(sealed, status_code=200, media_type=E2E_CONTENT_TYPE)
-        hl_s = request.headers.get("Inference-Header-Content-Length")
+                resp = _err(ProtocolError(f"end-to-end request rejected: {exc}"))
+                return resp.status_code, {"content-type": "application/json"}, bytes(resp.body)
+            status, body, rhl = await _run(lambda: _inner(path, inner, ihl), model)
+            return 200, {"content-type": E2E_CONTENT_TYPE}, e2e.seal(rk, status, body, rhl)
+        hl_s = headers.get("inference-header-content-length")
         try:
             hl = int(hl_s) if hl_s is not None else None
         except ValueError:
-            return _err(InferenceInputError("bad Inference-Header-Content-Length"))
-        return await _run(lambda: _inner(path, raw, hl), request, model, path)
+            resp = _err(InferenceInputError("bad Inference-Header-Content-Length"))
+            return resp.status_code, {"content-type": "application/json"}, bytes(resp.body)
+        status, body, rhl = await _run(lambda: _inner(path, raw, hl), model)
+        out = {"content-type": "application/json"}
+        if rhl is not None:
+            out["inference-header-content-length"] = str(rhl)
+        return status, out, body
 
     def _inner(path: str, body: bytes, hl: int | None) -> tuple[bytes, int | None]:
         if path == "infer":
             return worker.infer(body, hl)
         return worker.complete(body), None
+
+    async def _dispatch(request: Request, model: str, path: str) -> Response:
+        status, headers, body = await dispatch(dict(request.headers), await request.body(), model, path)
+        media = headers.pop("content-type", "application/json")
+        return Response(body, status_code=status, headers=headers, media_type=media)
 
     @app.post("/v2/models/{model}/infer")
     async def infer(model: str, request: Request) -> Response:
@@ -445,5 +456,15 @@ def create_app(worker: Worker) -> FastAPI:
             worker.m_pressure.set(worker.epc.paging_pressure())
         return Response(generate_latest(worker.registry), media_type="text/plain; version=0.0.4")
 
+    async def fast_infer(
+        m: re.Match[str], headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        return await dispatch(headers, body, m.group(1), "infer")
+
+    async def fast_completions(
+        m: re.Match[str], headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        return await dispatch(headers, body, headers.get("x-veil-model", name), "completions")
+
     _ = (np, AttestationError)
-    return app
+    return FastPost(app, [(r"/v2/models/([^/]+)/infer", fast_infer), (r"/v1/completions", fast_completions)])
