@@ -159,3 +159,34 @@ def test_concurrent_senders_keep_unique_sequence_numbers() -> None:
     assert seqs == list(range(200))
     for f in sorted(frames, key=lambda f: f[:8]):
         assert b.decrypt(f) == b"x"
+
+
+def test_final_frame_detects_stream_truncation() -> None:
+    a, b = pair()
+    frames = [a.encrypt(b"m0"), a.encrypt(b"m1"), a.encrypt(b"end", final=True)]
+    assert a.finished
+    with pytest.raises(CryptoError):
+        a.encrypt(b"more")
+    # the stream cut before its final frame: receiver has not seen the end
+    assert b.decrypt(frames[0]) == b"m0" and b.decrypt(frames[1]) == b"m1"
+    assert not b.peer_finished
+    # flipping the FINAL flag on a normal frame (or clearing it) breaks authentication
+    forged = bytes([frames[2][0] & 0x7F]) + frames[2][1:]
+    with pytest.raises(DecryptionError):
+        b.decrypt(forged)
+    assert not b.peer_finished
+    assert b.decrypt(frames[2]) == b"end"
+    assert b.peer_finished
+    with pytest.raises(DecryptionError):
+        b.decrypt(frames[2])
+    # the other direction is still open
+    assert a.decrypt(b.encrypt(b"ack")) == b"ack"
+
+
+def test_final_flag_cannot_be_added() -> None:
+    a, b = pair()
+    f = a.encrypt(b"not the end")
+    forged = bytes([f[0] | 0x80]) + f[1:]
+    with pytest.raises(DecryptionError):
+        b.decrypt(forged)
+    assert b.decrypt(f) == b"not the end" and not b.peer_finished

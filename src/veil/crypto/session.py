@@ -17,6 +17,11 @@ round. Frame for message number ``seq`` (0, 1, 2, ... per direction)::
 The receiver accepts only the next expected ``seq``: a replayed, reordered, dropped-then-later,
 truncated, tampered or wrong-key frame raises :class:`veil.errors.DecryptionError`, returns no
 plaintext and does not advance the receive counter.
+
+End of stream: the top bit of the 8-byte sequence field is the authenticated FINAL flag
+(``encrypt(..., final=True)``). After a final frame the direction is closed: the sender refuses
+to seal more and the receiver rejects anything further. A protocol that checks
+``peer_finished`` at its end therefore detects a stream cut short (its last frames dropped).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from veil.errors import ConfigError, CryptoError, DecryptionError
 __all__ = ["FRAME_OVERHEAD", "SecureSession"]
 
 _SEQ = struct.Struct(">Q")
-_MAX_SEQ: Final = 2**64 - 1
+_FINAL: Final = 1 << 63
+_MAX_SEQ: Final = _FINAL - 1
 FRAME_OVERHEAD: Final = _SEQ.size + TAG_BYTES
 """Bytes a frame adds to its plaintext (sequence number + tag)."""
 
@@ -66,6 +72,8 @@ class SecureSession:
         self.cipher: str = cipher
         self._send_seq = 0
         self._recv_seq = 0
+        self._send_final = False
+        self._recv_final = False
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
 
@@ -109,17 +117,31 @@ class SecureSession:
     def messages_received(self) -> int:
         return self._recv_seq
 
-    def encrypt(self, plaintext: bytes, aad: bytes = b"") -> bytes:
-        """Seal the next outgoing message; returns ``seq || ciphertext || tag``."""
+    @property
+    def finished(self) -> bool:
+        """True once this side has sent its final frame."""
+        return self._send_final
+
+    @property
+    def peer_finished(self) -> bool:
+        """True once the peer's final frame has been accepted (the stream was not cut short)."""
+        return self._recv_final
+
+    def encrypt(self, plaintext: bytes, aad: bytes = b"", *, final: bool = False) -> bytes:
+        """Seal the next outgoing message; returns ``seq || ciphertext || tag``. ``final=True``
+        marks the last message of this direction."""
         with self._send_lock:
+            if self._send_final:
+                raise CryptoError("this session already sent its final frame")
             seq = self._send_seq
             if seq >= _MAX_SEQ:
                 raise CryptoError("session message counter exhausted; establish a new session")
-            header = _SEQ.pack(seq)
+            header = _SEQ.pack(seq | (_FINAL if final else 0))
             frame = header + aead_encrypt(
                 self._send_key, self._send_iv + header, plaintext, header + bytes(aad), self.cipher
             )
             self._send_seq = seq + 1
+            self._send_final = final
             return frame
 
     def decrypt(self, frame: bytes, aad: bytes = b"") -> bytes:
@@ -131,18 +153,20 @@ class SecureSession:
         if len(frame) < FRAME_OVERHEAD:
             raise DecryptionError(f"frame truncated: {len(frame)} bytes < minimum {FRAME_OVERHEAD}")
         header = frame[: _SEQ.size]
-        (seq,) = _SEQ.unpack(header)
+        (field,) = _SEQ.unpack(header)
+        seq, final = field & _MAX_SEQ, bool(field & _FINAL)
         with self._recv_lock:
+            if self._recv_final:
+                raise DecryptionError("frame after the peer's final frame")
             expected = self._recv_seq
             if seq != expected:
                 kind = "replayed" if seq < expected else "out of order (a message is missing)"
                 raise DecryptionError(f"frame {kind}: sequence {seq}, expected {expected}")
-            if expected >= _MAX_SEQ:
-                raise DecryptionError("session message counter exhausted")
             plaintext = aead_decrypt(
                 self._recv_key, self._recv_iv + header, frame[_SEQ.size :], header + bytes(aad), self.cipher
             )
             self._recv_seq = expected + 1
+            self._recv_final = final
             return plaintext
 
     def __repr__(self) -> str:
