@@ -200,6 +200,10 @@ def test_baseline_ignores_epc_and_spreads() -> None:
     assert pl == {"a": 2, "b": 2}
     pl, note = place([HostInfo("a", 100, 95), HostInfo("b", 100, 0)], {}, 4, enclave_mb=30, epc_aware=True)
     assert pl == {"b": 3} and "exhausted" in note
+    # with request accounting (k8s + sgx.intel.com/epc): at most 3 x 30 MiB per 100 MiB host,
+    # but a co-tenant's 95 MiB on "a" stays invisible
+    pl, note = place([HostInfo("a", 100, 95), HostInfo("b", 100, 0)], {}, 8, enclave_mb=30, epc_aware=False)
+    assert pl == {"a": 3, "b": 3} and "no schedulable host" in note
     # scale-down removes from the paging host first
     hosts = [HostInfo("a", 100, 150, 2), HostInfo("b", 100, 60, 2)]
     pl, _ = place(hosts, {"a": 2, "b": 2}, 2, enclave_mb=30, epc_aware=True)

@@ -13,8 +13,12 @@ Two policies (``get_autoscaler(name)``):
     pressure)`` of a healthy one, so rising paging pressure raises the replica count *before*
     the latency SLO breaks. Three rules, the largest wins:
 
-    1. load:   ``need = rate * service_s / (slots * target_utilization)`` effective replicas,
-       ``rate`` from the stable window (panic window when it is 2× higher: panic mode);
+    1. load:   ``need = rate * service_s / (slots * utilization)`` effective replicas, with
+       ``utilization = min(target_utilization, 1 - service_s·ln(100) / (scale_up_at·SLO))``
+       (the M/M/1 bound that keeps p99 under the scale-up threshold); ``rate`` from the stable
+       window, or from the short panic window as soon as that needs ``up_tolerance`` more than
+       the effective fleet (fast scale-up); a panic-window need ≥ ``panic_threshold`` × fleet
+       enters panic mode (no scale-down for one stable window);
     2. paging: replicas on paging hosts count at their effective capacity (rule 1) and are
        the first removed on scale-down, so the fleet migrates off paging hosts;
     3. SLO:    if the stable-window p99 exceeds ``scale_up_at`` × SLO, grow by the ratio
@@ -173,7 +177,10 @@ def place(
 
     EPC-aware: add where free EPC (after earlier additions) is largest and fits a whole
     enclave; remove from the most-paging hosts first. Otherwise: spread evenly by count
-    (fewest replicas first; remove from the most crowded host).
+    (fewest replicas first; remove from the most crowded host), and, when ``enclave_mb`` > 0,
+    never more replicas on a host than its EPC fits by *request* accounting
+    (count × enclave_mb ≤ epc_mb), as Kubernetes does with ``sgx.intel.com/epc`` requests: it
+    cannot see enclaves outside its accounting (other tenants, actual vs requested size).
     """
     pl = {h: n for h, n in current.items() if n > 0}
     info = {h.name: h for h in hosts}
@@ -191,8 +198,10 @@ def place(
                 cands, key=lambda h: (h.free_mb - extra_mb.get(h.name, 0.0), -pl.get(h.name, 0), h.name)
             )
         else:
+            if enclave_mb > 0:  # resource-request accounting only (what a scheduler sees)
+                cands = [h for h in cands if (pl.get(h.name, 0) + 1) * enclave_mb <= h.epc_mb]
             if not cands:
-                note = "no schedulable host"
+                note = "no schedulable host with room for another replica's EPC request"
                 break
             best = min(cands, key=lambda h: (pl.get(h.name, 0), h.name))
         pl[best.name] = pl.get(best.name, 0) + 1
@@ -233,7 +242,7 @@ class SloConfig:
     default_service_s: float = 0.05
     enclave_mb: float = 32.0
     stable_window_s: float = 30.0
-    panic_window_s: float = 6.0
+    panic_window_s: float = 3.0
     panic_threshold: float = 2.0
     scale_up_at: float = 0.8
     scale_down_below: float = 0.7
@@ -243,6 +252,8 @@ class SloConfig:
     pressure_weight: float = 4.0
     """Paging slowdown per unit of pressure, as in the epc-aware router."""
     pressure_threshold: float = 0.02
+    up_tolerance: float = 0.1
+    """Scale up on the panic window alone once it needs this much more than the effective fleet."""
 
     def __post_init__(self) -> None:
         if not 0 < self.min_replicas <= self.max_replicas:
@@ -324,6 +335,9 @@ class SloAutoscaler:
             state = replace(state, panic_until=now + c.stable_window_s)
             reasons.append(f"panic: rate {rate_panic:.1f}/s")
         need = max(need_stable, need_panic if in_panic else 0.0)
+        if need_panic > need_stable and need_panic > eff_now * (1.0 + c.up_tolerance):
+            # fast path up (HPA-style tolerance): the short window already needs more than we have
+            need = max(need, need_panic)
         if cur - eff_now > 0.05:
             reasons.append(f"paging: {cur - eff_now:.2f} replicas lost to EPC paging")
         desired, note = self._smallest_meeting(window, cur_pl, need)
@@ -458,6 +472,8 @@ class ConcurrencyConfig:
     max_scale_up_rate: float = 1000.0
     max_scale_down_rate: float = 2.0
     scale_down_delay_s: float = 0.0
+    request_mb: float = 0.0
+    """EPC each replica requests (scheduler accounting, 0 = none)."""
 
     def __post_init__(self) -> None:
         if self.metric not in {"concurrency", "cpu"}:
@@ -531,7 +547,7 @@ class ConcurrencyAutoscaler:
     def _fit(self, window: MetricsWindow, cur_pl: Mapping[str, int], target: int) -> dict[str, int]:
         if not window.hosts:
             return {"default": target} if target else {}
-        return place(window.hosts, cur_pl, target, enclave_mb=0.0, epc_aware=False)[0]
+        return place(window.hosts, cur_pl, target, enclave_mb=self.config.request_mb, epc_aware=False)[0]
 
 
 AUTOSCALERS = {"slo": SloAutoscaler, "concurrency": ConcurrencyAutoscaler}
