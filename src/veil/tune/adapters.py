@@ -43,6 +43,10 @@ class ServerAdapter(Protocol):
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor: ...
 
+    def final_hidden(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor: ...
+
     def adapter_state(self) -> dict[str, torch.Tensor]: ...
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None: ...
@@ -114,6 +118,12 @@ class LoRAAdapter:
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         return self.part(hidden, attention_mask, position_ids)  # type: ignore[no-any-return]
+
+    def final_hidden(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Hidden states after the final norm (apply ``part.lm_head`` only where needed)."""
+        return self.part.hidden(hidden, attention_mask, position_ids)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self._params.items()}
@@ -215,10 +225,15 @@ class PrefixAdapter:
     def logits(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
+        return self.part.lm_head(self.final_hidden(hidden, attention_mask, position_ids))  # type: ignore[no-any-return]
+
+    def final_hidden(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         b = hidden.shape[0]
         ones = torch.ones(b, self.num_virtual_tokens, dtype=attention_mask.dtype)
         mask = torch.cat([ones, attention_mask], dim=1)
-        return self.part(  # type: ignore[no-any-return]
+        return self.part.hidden(
             hidden, attention_mask, position_ids, cache=self._cache(b), mask_attention=mask
         )
 

@@ -56,7 +56,13 @@ from veil.tune.messages import (
     StepResult,
     TrainBatch,
 )
-from veil.tune.split import IGNORE_INDEX, ServerPart, causal_lm_loss, sequence_logprobs
+from veil.tune.split import (
+    IGNORE_INDEX,
+    ServerPart,
+    head_last_logprobs,
+    head_loss,
+    head_sequence_logprobs,
+)
 
 __all__ = ["HostAction", "TuneEnclave", "read_checkpoint", "serve_host", "write_checkpoint"]
 
@@ -249,8 +255,7 @@ class TuneEnclave:
         if not (labels[:, 1:] != IGNORE_INDEX).any():
             raise ProtocolError("micro-batch has no labelled tokens")
         self.part.train()
-        logits = self.adapter.logits(h, mask, pos)
-        loss = causal_lm_loss(logits, labels)
+        loss = head_loss(self.adapter.final_hidden(h, mask, pos), self.part.lm_head, labels)
         (loss / req.n_micro).backward()
         applied = False
         if req.micro == req.n_micro - 1:
@@ -276,18 +281,18 @@ class TuneEnclave:
         h, mask, pos, labels = self._tensors(req.hidden, req.attention_mask, req.position_ids, req.labels)
         self.part.eval()
         with torch.no_grad():
-            logits = self.adapter.logits(h, mask, pos)
+            fh = self.adapter.final_hidden(h, mask, pos)
             if req.candidates:
                 cand = torch.tensor(req.candidates, dtype=torch.long)
                 if cand.min() < 0 or cand.max() >= self.vocab_size:
                     raise ProtocolError("candidate token ids out of the vocabulary range")
-                last = mask.sum(dim=1) - 1
-                rows = logits[torch.arange(logits.shape[0]), last.clamp(min=0)].float()
-                scores = torch.log_softmax(rows, dim=-1)[:, cand]
+                scores = head_last_logprobs(fh, self.part.lm_head, mask, cand)
                 loss = float("nan")
             else:
-                scores = sequence_logprobs(logits, labels)
-                loss = float(causal_lm_loss(logits, labels)) if (labels[:, 1:] != IGNORE_INDEX).any() else 0.0
+                if not (labels[:, 1:] != IGNORE_INDEX).any():
+                    raise ProtocolError("evaluation batch has no labelled tokens")
+                scores = head_sequence_logprobs(fh, self.part.lm_head, labels)
+                loss = float(head_loss(fh, self.part.lm_head, labels))
         return EvalResult(scores=scores.numpy().astype(np.float32), loss=loss)
 
     # ------------------------------------------------------------------ sealed state

@@ -17,7 +17,7 @@ from veil.errors import ConfigError
 from veil.tune.adapters import DEFAULT_LORA_TARGETS
 from veil.tune.data import Batch
 from veil.tune.messages import EvalResult, StepResult
-from veil.tune.split import causal_lm_loss, model_family, num_layers, sequence_logprobs
+from veil.tune.split import head_last_logprobs, head_loss, head_sequence_logprobs, model_family, num_layers
 
 __all__ = ["LocalLoRATrainer"]
 
@@ -54,14 +54,20 @@ class LocalLoRATrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
         self.step = 0
         self.bytes_sent = 0
+        inner: Any = self.model.get_base_model()  # the CausalLM with LoRA layers injected
+        self._decoder = inner.model if fam == "llama" else inner.transformer
+        self._lm_head = inner.lm_head
+
+    def _final_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self._decoder(input_ids=ids, attention_mask=mask)
+        return out.last_hidden_state  # type: ignore[no-any-return]
 
     def train_micro(self, batch: Batch, step: int, micro: int = 0, n_micro: int = 1) -> StepResult:
         self.model.train()
         ids = torch.from_numpy(batch.input_ids)
         mask = torch.from_numpy(batch.attention_mask)
         labels = torch.from_numpy(batch.labels)
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
-        loss = causal_lm_loss(logits, labels)
+        loss = head_loss(self._final_hidden(ids, mask), self._lm_head, labels)
         (loss / n_micro).backward()
         applied = micro == n_micro - 1
         if applied:
@@ -69,7 +75,11 @@ class LocalLoRATrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
         return StepResult(
-            step=step, micro=micro, loss=float(loss.detach()), tokens=int(mask.sum()), applied=applied,
+            step=step,
+            micro=micro,
+            loss=float(loss.detach()),
+            tokens=int(mask.sum()),
+            applied=applied,
             server_step=self.step,
         )
 
@@ -77,11 +87,9 @@ class LocalLoRATrainer:
         self.model.eval()
         with torch.no_grad():
             mask = torch.from_numpy(batch.attention_mask)
-            logits = self.model(input_ids=torch.from_numpy(batch.input_ids), attention_mask=mask).logits
+            fh = self._final_hidden(torch.from_numpy(batch.input_ids), mask)
             if candidates:
-                last = mask.sum(dim=1) - 1
-                rows = logits[torch.arange(logits.shape[0]), last.clamp(min=0)].float()
-                scores = torch.log_softmax(rows, dim=-1)[:, torch.tensor(list(candidates))]
+                scores = head_last_logprobs(fh, self._lm_head, mask, torch.tensor(list(candidates)))
             else:
-                scores = sequence_logprobs(logits, torch.from_numpy(batch.labels))
+                scores = head_sequence_logprobs(fh, self._lm_head, torch.from_numpy(batch.labels))
         return EvalResult(scores=scores.numpy().astype(np.float32), loss=float("nan"))

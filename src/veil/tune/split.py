@@ -340,3 +340,33 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     valid = tgt != IGNORE_INDEX
     picked = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * valid).sum(dim=-1)
+
+
+def head_loss(final_hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`causal_lm_loss` computing the LM head only at labelled positions (much cheaper when
+    only the completion is labelled; same value)."""
+    tgt = labels[:, 1:].to(final_hidden.device)
+    sel = tgt != IGNORE_INDEX
+    logits = lm_head(final_hidden[:, :-1][sel]).float()
+    return F.cross_entropy(logits, tgt[sel], reduction="mean")
+
+
+def head_sequence_logprobs(
+    final_hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor
+) -> torch.Tensor:
+    """:func:`sequence_logprobs` with the LM head only at labelled positions."""
+    tgt = labels[:, 1:].to(final_hidden.device)
+    sel = tgt != IGNORE_INDEX
+    logp = torch.log_softmax(lm_head(final_hidden[:, :-1][sel]).float(), dim=-1)
+    picked = logp.gather(-1, tgt[sel].unsqueeze(-1)).squeeze(-1)
+    rows = torch.arange(labels.shape[0], device=final_hidden.device).unsqueeze(1).expand_as(tgt)[sel]
+    return torch.zeros(labels.shape[0], dtype=picked.dtype).index_add(0, rows, picked)
+
+
+def head_last_logprobs(
+    final_hidden: torch.Tensor, lm_head: nn.Module, attention_mask: torch.Tensor, candidates: torch.Tensor
+) -> torch.Tensor:
+    """Log-probs of ``candidates`` at each row's last real token (LM head on those rows only)."""
+    last = (attention_mask.sum(dim=1) - 1).clamp(min=0)
+    rows = final_hidden[torch.arange(final_hidden.shape[0]), last]
+    return torch.log_softmax(lm_head(rows).float(), dim=-1)[:, candidates]
