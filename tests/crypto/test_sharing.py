@@ -112,3 +112,14 @@ def test_numpy_left_operand_defers_to_share() -> None:
         0,
         0,
     ]
+
+
+def test_public_lists_must_be_ints() -> None:
+    a = AShare(np.zeros(2, dtype=np.uint64), 0)
+    assert a.__add__([1, -1]).values.tolist() == [1, 2**64 - 1]
+    with pytest.raises(InputError):
+        a.__add__([1.5, 2.0])
+    with pytest.raises(InputError):
+        _ = a * [True, False]
+    with pytest.raises(InputError):
+        share([[1, 2], [3]])

@@ -100,10 +100,17 @@ def as_u64(x: Any) -> U64:
     if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
         return np.asarray(int(x) % (1 << 64), dtype=np.uint64)
     if isinstance(x, (list, tuple)):
+        flat = _flatten(x)
+        for v in flat:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise InputError(
+                    f"expected integers for ring elements, got {type(v).__name__} "
+                    "(encode reals with FixedPoint first)"
+                )
         try:
-            return np.asarray([int(v) % (1 << 64) for v in _flatten(x)], dtype=np.uint64).reshape(np.shape(x))
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"expected integers for ring elements: {exc}") from exc
+            return np.asarray([int(v) % (1 << 64) for v in flat], dtype=np.uint64).reshape(np.shape(x))
+        except ValueError as exc:  # ragged nesting
+            raise InputError(f"ring elements must form a regular array: {exc}") from exc
     raise InputError(f"expected ring elements (uint64 array), got {type(x).__name__}")
 
 
