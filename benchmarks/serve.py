@@ -53,9 +53,14 @@ def make_model(path: Path, d_in: int = 32, hidden: int = 64, d_out: int = 8) -> 
     w1 = rng.normal(size=(d_in, hidden)).astype(np.float32)
     w2 = rng.normal(size=(hidden, d_out)).astype(np.float32)
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "W2"], ["z"]), helper.make_node("Softmax", ["z"], ["y"], axis=-1)],
-        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, d_in])],
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "W2"], ["z"]),
+            helper.make_node("Softmax", ["z"], ["y"], axis=-1),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, d_in])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, d_out])],
         initializer=[numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")],
     )
@@ -64,8 +69,9 @@ def make_model(path: Path, d_in: int = 32, hidden: int = 64, d_out: int = 8) -> 
     onnx.save(m, str(path))
 
 
-def run_load(make_call: Callable[[], Callable[[], Any]], clients: int, n_per_client: int, warmup: int = 10
-             ) -> dict[str, float]:
+def run_load(
+    make_call: Callable[[], Callable[[], Any]], clients: int, n_per_client: int, warmup: int = 10
+) -> dict[str, float]:
     lat: list[list[float]] = [[] for _ in range(clients)]
     spans: list[tuple[float, float]] = []
     barrier = threading.Barrier(clients)
@@ -88,18 +94,28 @@ def run_load(make_call: Callable[[], Callable[[], Any]], clients: int, n_per_cli
     for t in threads:
         t.join()
     wall = max(e for _, e in spans) - min(s for s, _ in spans)
-    all_lat = np.array([x for lst in lat for x in lst])
-    return {"p50_ms": float(np.percentile(all_lat, 50) * 1e3), "p99_ms": float(np.percentile(all_lat, 99) * 1e3),
-            "mean_ms": float(all_lat.mean() * 1e3), "throughput_rps": float(len(all_lat) / wall),
-            "requests": int(len(all_lat))}
+    return {"lat": [x for lst in lat for x in lst], "wall": wall}
+
+
+def summarize(parts: list[dict[str, Any]]) -> dict[str, float]:
+    all_lat = np.array([x for p in parts for x in p["lat"]])
+    wall = sum(p["wall"] for p in parts)
+    return {
+        "p50_ms": float(np.percentile(all_lat, 50) * 1e3),
+        "p99_ms": float(np.percentile(all_lat, 99) * 1e3),
+        "mean_ms": float(all_lat.mean() * 1e3),
+        "throughput_rps": float(len(all_lat) / wall),
+        "requests": len(all_lat),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all configurations")
     args = ap.parse_args()
-    n1, n8 = (300, 60) if args.quick else (2000, 400)
+    n1, n8 = (600, 120) if args.quick else (3000, 600)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="veil-bench-serve-"))
@@ -121,12 +137,16 @@ def main() -> None:
     sess = ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).normal(size=(1, 32)).astype(np.float32)
     want = sess.run(None, {"x": x})[0]
-    policy = Policy(allowed_measurements={worker_measurement()}, allow_simulated=True,
-                    simulated_platform_keys={platform_public_key().hex()})
+    policy = Policy(
+        allowed_measurements={worker_measurement()},
+        allow_simulated=True,
+        simulated_platform_keys={platform_public_key().hex()},
+    )
 
     rows: list[dict[str, Any]] = []
-    cluster = LocalCluster(packages=[pkg], workers=args.workers, state_dir=tmp / "state", key_files=[kf],
-                           reattest_s=0)
+    cluster = LocalCluster(
+        packages=[pkg], workers=args.workers, state_dir=tmp / "state", key_files=[kf], reattest_s=0
+    )
     with console.status("starting local cluster (KMS, workers, gateway)…"):
         cluster.start(timeout=180)
     try:
@@ -140,20 +160,25 @@ def main() -> None:
                 out = c.infer("mlp", {"x": x})["y"]
                 np.testing.assert_allclose(out, want, rtol=1e-6)
                 return lambda: c.infer("mlp", {"x": x})
+
             return make
 
         configs: list[tuple[str, Callable[[], Callable[[], Any]]]] = [
-            ("onnxruntime in-process", lambda: (lambda: sess.run(None, {"x": x}))),
+            ("onnxruntime in-process", lambda: lambda: sess.run(None, {"x": x})),
             ("worker direct (no gateway)", http_call(worker_url, False)),
             ("gateway", http_call(cluster.gateway_url, False)),
             ("gateway + E2E", http_call(cluster.gateway_url, True)),
         ]
-        for name, make in configs:
-            for clients in (1, 8):
-                n = n1 if clients == 1 else n8
-                with console.status(f"{name}, {clients} client(s)…"):
-                    res = run_load(make, clients, n)
-                rows.append({"config": name, "clients": clients, **res})
+        # interleaved rounds, so load spikes from other jobs on the machine hit every config alike
+        parts: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for rnd in range(args.rounds):
+            for name, make in configs:
+                for clients in (1, 8):
+                    n = (n1 if clients == 1 else n8) // args.rounds
+                    with console.status(f"round {rnd + 1}/{args.rounds}: {name}, {clients} client(s)…"):
+                        parts.setdefault((name, clients), []).append(run_load(make, clients, n))
+        for (name, clients), ps in parts.items():
+            rows.append({"config": name, "clients": clients, **summarize(ps)})
     finally:
         cluster.stop()
 
@@ -167,25 +192,44 @@ def main() -> None:
     for col in ("config", "clients", "p50 ms", "p99 ms", "mean ms", "req/s"):
         table.add_column(col, justify="right" if col != "config" else "left")
     for r in rows:
-        table.add_row(r["config"], str(r["clients"]), f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
-                      f"{r['mean_ms']:.3f}", f"{r['throughput_rps']:.0f}")
+        table.add_row(
+            r["config"],
+            str(r["clients"]),
+            f"{r['p50_ms']:.3f}",
+            f"{r['p99_ms']:.3f}",
+            f"{r['mean_ms']:.3f}",
+            f"{r['throughput_rps']:.0f}",
+        )
     console.print(table)
-    console.print(f"gateway overhead at p50, 1 client (gateway - in-process onnxruntime): {overhead:.3f} ms "
-                  f"(target <= 2 ms: {'met' if overhead <= 2 else 'NOT met'}); gateway hop alone "
-                  f"(gateway - worker direct): {hop:.3f} ms; E2E encryption adds {e2e_cost:.3f} ms")
+    console.print(
+        f"gateway overhead at p50, 1 client (gateway - in-process onnxruntime): {overhead:.3f} ms "
+        f"(target <= 2 ms: {'met' if overhead <= 2 else 'NOT met'}); gateway hop alone "
+        f"(gateway - worker direct): {hop:.3f} ms; E2E encryption adds {e2e_cost:.3f} ms"
+    )
     load = os.getloadavg()
     out = {
-        "benchmark": "serve", "quick": args.quick, "tee": "simulated",
+        "benchmark": "serve",
+        "quick": args.quick,
+        "tee": "simulated",
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "loadavg_at_end": load},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "loadavg_at_end": load,
+        },
         "command": "python benchmarks/serve.py" + (" --quick" if args.quick else ""),
-        "model": "ONNX MLP 32-64-8, batch 1", "workers": args.workers,
+        "model": "ONNX MLP 32-64-8, batch 1",
+        "workers": args.workers,
         "rows": rows,
-        "gateway_overhead_p50_ms": overhead, "gateway_hop_p50_ms": hop, "e2e_extra_p50_ms": e2e_cost,
-        "target_gateway_overhead_p50_ms": 2.0, "target_met": overhead <= 2.0,
-        "note": "client is veil.serve.client (httpx, KServe v2 binary tensors); cluster processes on 127.0.0.1; "
-                "machine shared with other jobs, see loadavg",
+        "gateway_overhead_p50_ms": overhead,
+        "gateway_hop_p50_ms": hop,
+        "e2e_extra_p50_ms": e2e_cost,
+        "target_gateway_overhead_p50_ms": 2.0,
+        "target_met": overhead <= 2.0,
+        "note": "client: veil.serve.client (http.client keep-alive, KServe v2 binary tensors); cluster "
+        "processes on 127.0.0.1; 2-core machine shared with other jobs (see loadavg); configs interleaved "
+        "over rounds",
     }
     (RESULTS / "serve.json").write_text(json.dumps(out, indent=2))
     plot(rows, RESULTS / "serve.png")
