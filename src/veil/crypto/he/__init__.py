@@ -69,7 +69,10 @@ def keygen(scheme: str | None = None, key_bits: int | None = None, backend: str 
     sch_in = scheme if scheme is not None else (settings.he_scheme if settings else "ou")
     sch = _SCHEME_ALIASES.get(str(sch_in).lower())
     if sch is None or sch not in be.schemes:
-        raise ConfigError(f"HE backend {be.name!r} supports schemes {list(be.schemes)}, not {sch_in!r}")
+        where = "" if scheme is not None else " (from VEIL_HE_SCHEME; pass scheme= or set VEIL_HE_SCHEME)"
+        raise ConfigError(
+            f"HE backend {be.name!r} supports schemes {list(be.schemes)}, not {sch_in!r}{where}"
+        )
     bits = key_bits if key_bits is not None else (settings.he_key_bits if settings else 2048)
     if not isinstance(bits, int) or bits < MIN_KEY_BITS or bits > 8192:
         raise ConfigError(f"HE key_bits must be an int in [{MIN_KEY_BITS}, 8192], got {bits!r}")
