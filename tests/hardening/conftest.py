@@ -1,0 +1,28 @@
+"""Shared settings of the hardening campaigns (fuzz sizes, deadlines)."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+#: examples per fuzz test: small in `make test`, `make fuzz` sets VEIL_FUZZ_EXAMPLES=5000
+FUZZ_EXAMPLES = int(os.environ.get("VEIL_FUZZ_EXAMPLES", "200"))
+
+settings.register_profile(
+    "veil-fuzz",
+    max_examples=FUZZ_EXAMPLES,
+    deadline=2000,  # ms per example: a decoder that hangs fails the test instead of hanging it
+    derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    database=None,
+)
+
+
+def fuzz_settings(scale: float = 1.0, deadline_ms: int = 2000) -> settings:
+    """Per-test settings: ``scale`` shrinks the count for expensive targets."""
+    return settings(
+        settings.get_profile("veil-fuzz"),
+        max_examples=max(10, int(FUZZ_EXAMPLES * scale)),
+        deadline=deadline_ms,
+    )
