@@ -257,6 +257,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(title)
         ax.legend(fontsize=8)
     axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
     fig.suptitle("veil.serve, small ONNX model, SIMULATED TEE, loopback")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -112,6 +112,42 @@ def measurement() -> None:
     typer.echo(worker_measurement())
 
 
+@app.command("gramine-manifest")
+@_cli
+def gramine_manifest(
+    package: Path = typer.Option(..., help="Encrypted model package the worker will serve (a trusted file)."),
+    out: Path = typer.Option(Path("veil-worker.manifest.template"), help="Manifest template to write."),
+    kms: str = typer.Option(..., "--kms", help="KMS URL the enclave worker attests to."),
+    listen: str = typer.Option("0.0.0.0:8081", help="HOST:PORT inside the enclave."),
+    enclave_size: str = typer.Option("4G", help="SGX enclave size."),
+    kms_ca: Path | None = typer.Option(None, help="CA of an HTTPS KMS (becomes a trusted file)."),
+) -> None:
+    """Write a Gramine-SGX manifest template running `veil serve worker --tee gramine`.
+
+    Then: gramine-manifest … && gramine-sgx-sign … && gramine-sgx python; put the MRENCLAVE that
+    gramine-sgx-sign prints into the KMS policy (--allow-measurement).
+    """
+    from veil.tee.gramine import write_manifest
+
+    args = [
+        "worker",
+        "--package",
+        str(package.resolve()),
+        "--kms",
+        kms,
+        "--listen",
+        listen,
+        "--tee",
+        "gramine",
+    ]
+    trusted = [package.resolve()]
+    if kms_ca is not None:
+        args += ["--kms-ca", str(kms_ca.resolve())]
+        trusted.append(kms_ca.resolve())
+    path = write_manifest("veil.serve", out, trusted_files=trusted, enclave_size=enclave_size, args=args)
+    typer.echo(f"wrote {path}; sign it with gramine-sgx-sign and allow its MRENCLAVE in the KMS policy")
+
+
 @app.command("worker")
 @_cli
 def worker(
@@ -258,8 +294,12 @@ def load(
     from veil.serve import load as L
 
     pat = L.LoadPattern(
-        kind=pattern, rate=rate, duration_s=duration, spike_factor=spike_factor,
-        spike_start_s=spike_start, spike_len_s=spike_len,
+        kind=pattern,
+        rate=rate,
+        duration_s=duration,
+        spike_factor=spike_factor,
+        spike_start_s=spike_start,
+        spike_len_s=spike_len,
     )
     L.check_loopback(url)
     raw = None
@@ -273,8 +313,13 @@ def load(
     res = asyncio.run(L.load_gateway(url, model, pat, body=raw, seed=seed, max_inflight=max_inflight))
     L.write_jsonl(res.records, out)
     png = plot or out.with_suffix(".png")
-    L.plot_latency({model: (res.records, res.replicas)}, png, slo_s=slo_ms / 1e3,
-                   title=f"veil serve load: {pattern}, base {rate:g} req/s", rate=pat.rate_at)
+    L.plot_latency(
+        {model: (res.records, res.replicas)},
+        png,
+        slo_s=slo_ms / 1e3,
+        title=f"veil serve load: {pattern}, base {rate:g} req/s",
+        rate=pat.rate_at,
+    )
     s = L.summarize(res.records, slo_ms / 1e3)
     typer.echo(
         f"{s['requests']} requests, {s['errors']} errors, p50 {s['p50_s'] * 1e3:.1f} ms, "

@@ -84,8 +84,9 @@ class Worker:
         self.worker_id = cfg.worker_id or f"worker-{cfg.port}-{os.getpid()}"
         self.package: Package = read_package(Path(cfg.package), trusted_signers=cfg.trusted_signers)
         self.manifest = self.package.manifest
+        opts: dict[str, Any] = {"debug": cfg.debug_enclave} if cfg.tee_backend == "simulated" else {}
         self.enclave = enclave or load_enclave(
-            cfg.tee_backend, code=worker_code(), config=WORKER_ENCLAVE_CONFIG, debug=cfg.debug_enclave
+            cfg.tee_backend, code=worker_code(), config=WORKER_ENCLAVE_CONFIG, **opts
         )
         self.tee_label = "simulated" if self.enclave.simulated else self.enclave.backend
         self.runner: ModelRunner | None = None
