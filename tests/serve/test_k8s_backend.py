@@ -176,3 +176,127 @@ def test_controller_scales_deployment_on_mock_api(cluster: MockCluster) -> None:
 def test_missing_deployment_is_a_clear_error(cluster: MockCluster) -> None:
     with pytest.raises(ScalingError, match="reading deployment veil/nope"):
         backend(cluster, "nope").current()
+
+
+# ----------------------------------------------------------------------------- metrics + entry point
+
+
+def _prom_text(observations: list[float]) -> str:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    reg = CollectorRegistry()
+    h = Histogram(
+        "veil_gateway_request_seconds",
+        "latency",
+        registry=reg,
+        buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+    )
+    for x in observations:
+        h.observe(x)
+    return generate_latest(reg).decode()
+
+
+def test_prometheus_source_rate_p99_concurrency() -> None:
+    from veil.errors import InputError
+    from veil.serve.autoscaling.prometheus import PrometheusSource
+
+    texts = iter([_prom_text([0.02] * 10), _prom_text([0.02] * 10 + [0.02] * 99 + [0.4])])
+    src = PrometheusSource(lambda: next(texts), service_time_s=0.02)
+    first = src.sample(10.0)
+    assert first.request_rate == 0.0 and first.service_time_s == 0.02
+    s = src.sample(12.0)
+    assert s.request_rate == pytest.approx(50.0)
+    assert s.p99_latency_s == 0.05  # 99 of the 100 new requests fall in the 50 ms bucket
+    assert s.concurrency == pytest.approx(50.0 * (99 * 0.02 + 0.4) / 100)
+    bad = PrometheusSource(lambda: "# nothing here\n")
+    with pytest.raises(InputError, match="not found"):
+        bad.sample(1.0)
+
+
+class _Metrics:
+    """Serves a new Prometheus text on each scrape (load grows between scrapes)."""
+
+    def __init__(self, texts: list[str]) -> None:
+        import http.server
+
+        texts_iter = iter(texts)
+        last = {"t": texts[-1]}
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = next(texts_iter, last["t"]).encode()
+                self.send_response(200)
+                self.send_header("content-type", "text/plain")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}/metrics"
+        self.t = threading.Thread(target=self.srv.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Metrics:
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.srv.shutdown()
+        self.t.join(5)
+
+
+def test_autoscaler_entry_point_scales_on_mock_cluster(
+    cluster: MockCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m veil.serve.autoscaling --once`: 200 req/s at p99 ≥ SLO → the Deployment grows."""
+    from veil.serve.autoscaling.__main__ import main
+
+    slow = [0.6] * 400  # 400 requests in the 2 s interval, all slower than the SLO
+    with _Metrics([_prom_text([]), _prom_text(slow)]) as m:
+        rc = main(
+            [
+                "--namespace",
+                NS,
+                "--deployment",
+                "veil-worker",
+                "--api-url",
+                cluster.url,
+                "--metrics-url",
+                m.url,
+                "--interval",
+                "2",
+                "--enclave-mb",
+                "32",
+                "--max-replicas",
+                "6",
+                "--service-ms",
+                "20",
+                "--once",
+            ]
+        )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert cluster.deployment()["spec"]["replicas"] == 4, out  # 2 -> 4 (max 2x per step)
+    assert "replicas=4" in out
+
+
+def test_autoscaler_entry_point_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    from veil.serve.autoscaling.__main__ import main
+
+    rc = main(
+        [
+            "--namespace",
+            NS,
+            "--deployment",
+            "w",
+            "--api-url",
+            "http://127.0.0.1:9",
+            "--metrics-url",
+            "http://127.0.0.1:9/metrics",
+            "--interval",
+            "0",
+            "--once",
+        ]
+    )
+    assert rc == 2 and "--interval must be > 0" in capsys.readouterr().err
