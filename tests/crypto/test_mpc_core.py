@@ -120,15 +120,24 @@ def test_matmul_and_public_matrix() -> None:
     v = rng.uniform(-2, 2, (n, 4))
     sh = shared(v)
 
-    def prog(mpc: MPC, a: AShare, mat: Any) -> np.ndarray:
+    def prog(mpc: MPC, a: AShare, mat: Any, dmat: Any) -> tuple[Any, ...]:
         pm = mpc.public_matrix(mat, holder=1, shape=(n, feats * nb))
+        pm.prepare(5)  # 4 + 1 columns consumed below without new correlation
         r1 = mpc.reveal_float(pm.t_matmul(a))
         r2 = mpc.reveal_float(pm.t_matmul(a[:, 0]))
-        return r1, r2
+        left = pm.available
+        r3 = mpc.reveal_float(pm.t_matmul(a[:, 1:3]))  # prepares again
+        pd = mpc.public_matrix(dmat, holder=0, shape=(n, 7))  # dense matrix held by party 0
+        r4 = mpc.reveal_float(pd.t_matmul(a))
+        return r1, r2, r3, r4, left
 
-    (r1, r2), _ = run_mpc(prog, (sh[0], None), (sh[1], onehot))
+    dm = rng.integers(-3, 4, (n, 7))
+    (r1, r2, r3, r4, left), _ = run_mpc(prog, (sh[0], None, dm), (sh[1], onehot, None))
     np.testing.assert_allclose(r1, dense.T @ v, atol=1e-3)
     np.testing.assert_allclose(r2, dense.T @ v[:, 0], atol=1e-3)
+    np.testing.assert_allclose(r3, dense.T @ v[:, 1:3], atol=1e-3)
+    np.testing.assert_allclose(r4, dm.T @ v, atol=1e-3)
+    assert left == 0
 
 
 def test_ltz_with_bit_bound() -> None:

@@ -617,18 +617,17 @@ class PublicMatrix:
     """Products ``M^T X`` where party ``holder`` knows ``M`` (n, k) in plaintext, X is shared.
 
     Setup (once per matrix): the triple source gives the holder a uniform mask ``A`` (n, k); it
-    sends ``E = M - A`` (uniform, reveals nothing). Each :meth:`t_matmul` call on X (n, c):
-    the other party draws a fresh triple ``(B, C = A^T B)``, sends ``F = X_other - B`` (one
-    one-way message, no round trip), and
+    sends ``E = M - A`` (uniform, reveals nothing) and forgets ``A``. Columns of correlation
+    ``(B, C = A^T B)`` (B uniform at the other party) are fetched by :meth:`prepare` — B is
+    data-independent, so the other party's dense ``Z = E^T B + C_other`` is computed there, ahead
+    of the data (e.g. once per tree). Each :meth:`t_matmul` on X (n, c) consumes c columns: the
+    other party sends ``F = X_other - B`` (one one-way message) and
 
-    * holder:     ``M^T X_holder + A^T F + C_holder``
-    * non-holder: ``E^T X_other + C_other``
+    * holder:     ``M^T (X_holder + F) + C_holder``  (sparse bucket sums for a :class:`OneHotMatrix`)
+    * non-holder: ``Z``
 
-    which sum to ``M^T X``. Local cost: one dense (k x n)(n x c) ring product per party (float64
-    limb GEMMs); with a :class:`OneHotMatrix` the holder's own term is a sparse bucket sum.
-    Batch many columns per call (e.g. g and h of every node of a level): the per-call cost of
-    splitting the mask into limbs is then amortised (``cache_limbs=True`` keeps the limbs,
-    32 bytes per matrix element; default: cache if that is below 512 MiB).
+    which sum to ``M^T X - M^T B + (M - A)^T B + A^T B = M^T X``. The only dense work is the
+    non-holder's ``(k x n)(n x c)`` ring product (float64 limb GEMMs) and the dealer's ``A^T B``.
     """
 
     def __init__(
@@ -665,7 +664,7 @@ class PublicMatrix:
         self.shape = shp
         n, k = shp
         self.ctx, a = mpc.triples.matrix_mask(n, k, holder)
-        self._mask_t: RingMatrix | None = None
+        self._et: RingMatrix | None = None
         if mpc.party == holder:
             if a is None:
                 raise ProtocolError("triple source gave the holder no mask")
@@ -673,14 +672,32 @@ class PublicMatrix:
             if dense is None:
                 raise ProtocolError("missing matrix")
             _send_chunked(mpc, dense - a)
-            del dense
-            self._mask_t = RingMatrix(a.T, cache=cache_limbs)
+            del dense, a
         else:
             e = _recv_chunked(mpc, n, k)
-            self._mask_t = RingMatrix(e.T, cache=cache_limbs)
+            self._et = RingMatrix(e.T, cache=cache_limbs)  # F-ordered view: contiguous row chunks
+        self._b: U64 | None = None
+        self._c: U64 | None = None
+        self._z: U64 | None = None
+        self._used = 0
+
+    @property
+    def available(self) -> int:
+        """Prepared correlation columns not yet consumed."""
+        return 0 if self._c is None else int(self._c.shape[1]) - self._used
+
+    def prepare(self, cols: int) -> None:
+        """Fetch ``cols`` correlation columns (both parties, same point); unused ones are dropped."""
+        b, c = self.mpc.triples.matrix_vector_triple(self.ctx, int(cols))
+        self._b, self._c, self._used = b, c, 0
+        if self.mpc.party != self.holder:
+            if b is None or self._et is None:
+                raise ProtocolError("triple source gave no vector mask")
+            self._z = self._et.matmul(b) + c
 
     def t_matmul(self, x: AShare) -> AShare:
-        """Shares of ``M^T x`` for shared ``x`` of shape (n,) or (n, c); frac unchanged."""
+        """Shares of ``M^T x`` for shared ``x`` of shape (n,) or (n, c); frac unchanged.
+        Uses prepared columns, or prepares exactly ``c`` now if too few are left."""
         mpc = self.mpc
         n = self.shape[0]
         vec = x.ndim == 1
@@ -688,26 +705,30 @@ class PublicMatrix:
         if xv.shape[0] != n:
             raise InputError(f"t_matmul: x has {xv.shape[0]} rows, the matrix {n}")
         cols = int(xv.shape[1])
-        b, c = mpc.triples.matrix_vector_triple(self.ctx, cols)
-        if self._mask_t is None:
-            raise ProtocolError("public matrix not set up")
+        if self.available < cols:
+            self.prepare(cols)
+        if self._c is None:
+            raise ProtocolError("public matrix correlation missing")
+        sl = slice(self._used, self._used + cols)
+        self._used += cols
         if mpc.party == self.holder:
             (f,) = mpc._recv(1)
             if f.shape != (n, cols) or f.dtype != np.uint64:
                 raise ProtocolError("t_matmul: malformed masked vector")
+            y = xv + f
             if self._sparse is not None:
-                own = self._sparse.t_matmul(xv)
+                own = self._sparse.t_matmul(y)
             elif self._dense is not None:
-                own = ring_matmul(np.ascontiguousarray(self._dense.T), xv)
+                own = ring_matmul(self._dense.T, y)
             else:
                 raise ProtocolError("missing matrix")
-            z = own + self._mask_t.matmul(f) + c
+            z = own + self._c[:, sl]
         else:
-            if b is None:
-                raise ProtocolError("triple source gave no vector mask")
-            mpc._send([xv - b])
-            z = self._mask_t.matmul(xv) + c
-        return AShare(z[:, 0] if vec else z, mpc.party, x.frac_bits)
+            if self._b is None or self._z is None:
+                raise ProtocolError("public matrix correlation missing")
+            mpc._send([xv - self._b[:, sl]])
+            z = self._z[:, sl]
+        return AShare(np.ascontiguousarray(z[:, 0] if vec else z), mpc.party, x.frac_bits)
 
 
 _CHUNK_ELEMS = 1 << 22  # 32 MiB of uint64 per frame

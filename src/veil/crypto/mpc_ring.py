@@ -23,7 +23,7 @@ U8 = npt.NDArray[np.uint8]
 
 _LIMB = 16
 _MASK16 = np.uint64(0xFFFF)
-_CHUNK = 1 << 14  # contraction rows per GEMM block (exactness needs <= 2^20)
+_CHUNK = 1 << 12  # contraction rows per GEMM block (exactness needs <= 2^20)
 
 
 def _limbs(x: U64) -> list[npt.NDArray[np.float64]]:
@@ -56,12 +56,14 @@ def ring_matmul(a: Any, b: Any) -> U64:
 class RingMatrix:
     """A fixed left operand ``a`` (m, k) for repeated exact products ``a @ b mod 2^64``.
 
-    With ``cache=True`` the float64 limbs of ``a`` are computed once (32 bytes per element);
+    Pass ``E.T`` of a C-ordered ``E`` (an F-ordered view) rather than a contiguous transpose:
+    the contraction chunks are then contiguous. With ``cache=True`` the float64 limbs of ``a``
+    are computed once (32 bytes per element);
     ``cache=None`` caches when that stays below ``cache_limit_bytes`` (default 512 MiB).
     """
 
     def __init__(self, a: Any, *, cache: bool | None = None, cache_limit_bytes: int = 512 << 20) -> None:
-        self.a = np.ascontiguousarray(np.asarray(a, dtype=np.uint64))
+        self.a = np.asarray(a, dtype=np.uint64)  # keep F-ordered views: column chunks stay contiguous
         if self.a.ndim != 2:
             raise InputError("RingMatrix needs a 2-D matrix")
         if cache is None:
