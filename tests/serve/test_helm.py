@@ -112,6 +112,16 @@ def test_kms_statefulset_has_pvc_and_token_from_secret(rendered: dict[str, list[
     env = {e["name"]: e for e in container(kms)["env"]}
     assert env["VEIL_KMS_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "veil-kms-admin"
     assert not any(d["kind"] == "Secret" for d in rendered["sgx"])  # the chart never invents secrets
+    assert (
+        "--kms=http://veil-kms.veil.svc:8443"
+        in container(by(rendered["sgx"], "Deployment", "veil-worker"))["args"]
+    )
+    tls = render("sgx", {"kms": {"tlsSecret": "veil-kms-tls"}})
+    for d in tls:
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+    wargs = container(by(tls, "Deployment", "veil-worker"))["args"]
+    assert "--kms=https://veil-kms.veil.svc:8443" in wargs and "--kms-ca=/etc/veil-kms-tls/ca.crt" in wargs
+    assert "--tls-cert=/etc/veil-kms-tls/tls.crt" in container(by(tls, "StatefulSet", "veil-kms"))["args"]
 
 
 def test_autoscaler_rbac_is_limited_to_scaling_workers(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -39,5 +39,5 @@ imagePullSecrets:
 {{- end -}}
 
 {{- define "veil.kmsUrl" -}}
-https://{{ include "veil.fullname" . }}-kms.{{ .Release.Namespace }}.svc:{{ .Values.kms.port }}
+{{ ternary "https" "http" (not (empty .Values.kms.tlsSecret)) }}://{{ include "veil.fullname" . }}-kms.{{ .Release.Namespace }}.svc:{{ .Values.kms.port }}
 {{- end -}}
