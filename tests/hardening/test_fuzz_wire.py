@@ -33,7 +33,9 @@ DTYPES = [
     "|S0", "|V0", "<U0", "|S3", "|V8", "<M8[ns]", "<m8[s]", "|O", ">u8", "=u8", "u8", "", "xx",
     "<u8\x00", "[('a','<u4')]", "<U2", "<f16", "\xff",
 ]
-SIZES = st.sampled_from([0, 1, 2, 3, 7, 8, 255, 1 << 16, 1 << 31, 1 << 32, (1 << 63) - 1, 1 << 63, (1 << 64) - 1])
+SIZES = st.sampled_from(
+    [0, 1, 2, 3, 7, 8, 255, 1 << 16, 1 << 31, 1 << 32, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
+)
 
 
 @st.composite
@@ -307,12 +309,16 @@ def test_fuzz_dcap_quote_mutations(good_quotes: list[bytes], data: st.DataObject
 
     blob = _mutate(data, data.draw(st.sampled_from(good_quotes)))
     fuzz_call("tee.dcap.parse_quote", lambda: parse_quote(blob), input_len=len(blob))
-    fuzz_call("tee.dcap.evidence", lambda: evidence_from_quote(blob, timestamp=time.time()), input_len=len(blob))
+    fuzz_call(
+        "tee.dcap.evidence", lambda: evidence_from_quote(blob, timestamp=time.time()), input_len=len(blob)
+    )
 
 
 @fuzz_settings(0.5, deadline_ms=4000)
 @given(data=st.data())
-def test_fuzz_dcap_verifier_on_mutated_quotes(pki: Any, good_quotes: list[bytes], data: st.DataObject) -> None:
+def test_fuzz_dcap_verifier_on_mutated_quotes(
+    pki: Any, good_quotes: list[bytes], data: st.DataObject
+) -> None:
     """The whole DCAP verification (own chain path) on mutated quotes: only AttestationError."""
     from veil.errors import AttestationError
     from veil.tee import Evidence, Policy, SgxPolicy, Verifier
