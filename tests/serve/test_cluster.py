@@ -8,6 +8,8 @@ plaintext), dedup by request id, KMS restart (workers re-attest), killing a work
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -177,6 +179,51 @@ def test_duplicate_request_id_answered_once(cluster: LocalCluster) -> None:
     assert r2.headers.get("x-veil-deduplicated") == "1"
     after = sum(metric(u, "veil_worker_requests_total", 'outcome="ok"') for u in workers)
     assert after - before == 1
+
+
+def _worker_argv(cluster: LocalCluster, package: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "veil.serve",
+        "worker",
+        "--package",
+        str(package),
+        "--kms",
+        cluster.kms_url,
+        "--listen",
+        "127.0.0.1:0",
+        "--attest-timeout-s",
+        "10",
+        "--reattest-s",
+        "0",
+        *extra,
+    ]
+
+
+def test_debug_worker_process_gets_nothing_and_is_audited(cluster: LocalCluster) -> None:
+    pkg = cluster.packages[0]
+    r = subprocess.run(
+        _worker_argv(cluster, pkg, "--debug-enclave", "--worker-id", "debug-w"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    assert "release refused" in r.stderr and "debug" in r.stderr and "Traceback" not in r.stderr
+    with KMSClient(cluster.kms_url, admin_token=cluster.admin_token) as k:
+        refused = [e for e in k.audit(outcome="refused") if e.worker_id == "debug-w"]
+    assert refused and "debug" in refused[0].reason and refused[0].tee == "simulated"
+
+
+def test_tampered_package_worker_refuses_to_start(cluster: LocalCluster, tmp_path: Path) -> None:
+    data = bytearray(cluster.packages[0].read_bytes())
+    data[-5] ^= 0x40  # a payload byte
+    bad = tmp_path / "bad.veil"
+    bad.write_bytes(bytes(data))
+    r = subprocess.run(_worker_argv(cluster, bad), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "error:" in r.stderr and "Traceback" not in r.stderr
+    assert "SHA-256" in r.stderr
 
 
 def test_kms_restart_workers_reattest_keys_still_there(cluster: LocalCluster) -> None:
