@@ -61,6 +61,9 @@ class MpcOpen(Message, frozen=True):
     arrays: list[np.ndarray]
 
 
+_I64 = npt.NDArray[np.int64]
+
+
 class OneHotMatrix:
     """A plaintext 0/1 matrix with one 1 per row per feature: ``bins`` (n, F) in [0, n_bins).
 
@@ -79,6 +82,7 @@ class OneHotMatrix:
             raise InputError(f"bin indices must lie in [-1, {n_bins})")
         self.bins = b.astype(np.int64)
         self.n_bins = int(n_bins)
+        self._sorted: list[tuple[_I64, _I64, _I64]] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,17 +98,27 @@ class OneHotMatrix:
         return out
 
     def t_matmul(self, x: U64) -> U64:
-        """``M^T x mod 2^64`` for x of shape (n,) or (n, c), by sparse bucket sums."""
+        """``M^T x mod 2^64`` for x of shape (n,) or (n, c), by sparse bucket sums (rows sorted
+        by bin once per feature, then ``np.add.reduceat``)."""
         vec = x.ndim == 1
         xx = x[:, None] if vec else x
         k = self.shape[1]
         c = xx.shape[1]
         out = np.zeros((k, c), dtype=np.uint64)
-        for f in range(self.bins.shape[1]):
-            col = self.bins[:, f]
-            ok = col >= 0
-            idx = col[ok] + f * self.n_bins
-            np.add.at(out, idx, xx[ok])
+        if self._sorted is None:
+            self._sorted = []
+            for f in range(self.bins.shape[1]):
+                col = self.bins[:, f]
+                order = np.argsort(col, kind="stable")
+                order = order[col[order] >= 0]
+                sb = col[order]
+                present, starts = np.unique(sb, return_index=True)
+                self._sorted.append((order, present, starts))
+        for f, (order, present, starts) in enumerate(self._sorted):
+            if order.size == 0:
+                continue
+            sums = np.add.reduceat(xx[order], starts, axis=0, dtype=np.uint64)
+            out[f * self.n_bins + present] = sums
         return out[:, 0] if vec else out
 
 

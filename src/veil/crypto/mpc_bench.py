@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--quick", action="store_true", help="small sizes (< 1 min)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--no-he", action="store_true", help="skip dealer-free (HE) measurements")
+    ap.add_argument("--only", default="", help="comma list: mul,ltz,argmax,reciprocal,sigmoid,pm,he")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     rows: list[dict[str, Any]] = []
@@ -65,16 +66,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     y = rng.uniform(-100, 100, n)
     xs, ys = share_floats(x, FXP), share_floats(y, FXP)
 
-    _timed("mul", lambda m, a: m.mul(a[0], a[1]), (xs[0], ys[0]), (xs[1], ys[1]), rows, elements=n)
-    _timed("ltz", lambda m, a: m.ltz(a), xs[0], xs[1], rows, elements=n)
+    only = set(filter(None, args.only.split(",")))
+
+    def want(op: str) -> bool:
+        return not only or op in only
+
+    if want("mul"):
+        _timed("mul", lambda m, a: m.mul(a[0], a[1]), (xs[0], ys[0]), (xs[1], ys[1]), rows, elements=n)
+    if want("ltz"):
+        _timed("ltz", lambda m, a: m.ltz(a), xs[0], xs[1], rows, elements=n)
     nodes, cands = (16, 1280) if not args.quick else (4, 1280)
     g = share_floats(rng.uniform(0, 50, (nodes, cands)), FXP)
-    _timed("argmax", lambda m, a: m.argmax(a, axis=-1), g[0], g[1], rows, elements=nodes * cands,
-           shape=[nodes, cands])
+    if want("argmax"):
+        _timed("argmax", lambda m, a: m.argmax(a, axis=-1), g[0], g[1], rows, elements=nodes * cands,
+               shape=[nodes, cands])
     h = share_floats(rng.uniform(1, 20_000, n // 5), FXP)
-    _timed("reciprocal", lambda m, a: m.reciprocal(a, lo=1.0, hi=2.0**16), h[0], h[1], rows,
-           elements=n // 5, range="[1, 2^16)")
-    _timed("sigmoid", lambda m, a: m.sigmoid(a), xs[0], xs[1], rows, elements=n)
+    if want("reciprocal"):
+        _timed("reciprocal", lambda m, a: m.reciprocal(a, lo=1.0, hi=2.0**16), h[0], h[1], rows,
+               elements=n // 5, range="[1, 2^16)")
+    if want("sigmoid"):
+        _timed("sigmoid", lambda m, a: m.sigmoid(a), xs[0], xs[1], rows, elements=n)
 
     rows_n, feats, bins, cols = (50_000, 20, 32, 32) if not args.quick else (10_000, 20, 32, 8)
     b = rng.integers(0, bins, (rows_n, feats))
@@ -86,15 +97,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         pm = m.public_matrix(a[1], holder=1, shape=shape)
         setup = time.perf_counter() - t
         t = time.perf_counter()
+        pm.prepare(cols)
+        prep = time.perf_counter() - t
+        t = time.perf_counter()
         pm.t_matmul(a[0])
-        if m.party == 0:
-            print(json.dumps({"op": "public_matrix phases", "setup_s": round(setup, 3),
-                              "t_matmul_s": round(time.perf_counter() - t, 3)}), flush=True)
+        print(json.dumps({"op": "public_matrix phases", "party": m.party, "holder": m.party == 1,
+                          "setup_s": round(setup, 3), "prepare_s": round(prep, 3),
+                          "t_matmul_s": round(time.perf_counter() - t, 3)}), flush=True)
 
-    _timed("public_matrix setup + 1 product", pm_prog, (v[0], None), (v[1], OneHotMatrix(b, bins)), rows,
-           n=rows_n, k=feats * bins, cols=cols)
+    if want("pm"):
+        _timed("public_matrix setup + prepare + 1 product", pm_prog, (v[0], None),
+               (v[1], OneHotMatrix(b, bins)), rows, n=rows_n, k=feats * bins, cols=cols)
 
-    if not args.no_he:
+    if not args.no_he and want("he"):
         from veil.crypto import he
         from veil.crypto.triples_he import HomomorphicTriples
 
