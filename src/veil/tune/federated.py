@@ -149,7 +149,9 @@ def _bytes_to_tensors(raw: bytes, like: Mapping[str, torch.Tensor]) -> dict[str,
         raise ProtocolError("adapter weights do not have the expected tensor names")
     for k, t in out.items():
         if tuple(t.shape) != tuple(like[k].shape):
-            raise ProtocolError(f"adapter tensor {k} has shape {tuple(t.shape)}, expected {tuple(like[k].shape)}")
+            raise ProtocolError(
+                f"adapter tensor {k} has shape {tuple(t.shape)}, expected {tuple(like[k].shape)}"
+            )
         if not torch.isfinite(t).all():
             raise ProtocolError(f"adapter tensor {k} contains NaN/inf")
     return out
@@ -249,7 +251,11 @@ class MultiClientTuneEnclave:
         v = self.views.get(client_id)
         if v is None:
             v = TuneEnclave(
-                self.enclave, self.part, self.adapter, model_id=self.model_id, lr=self.lr,
+                self.enclave,
+                self.part,
+                self.adapter,
+                model_id=self.model_id,
+                lr=self.lr,
                 weight_decay=self.weight_decay,
             )
             v.optimizer = self.optimizer  # one optimizer for the shared adapter
@@ -363,7 +369,9 @@ def serve_multi_host(
 class AttestedTuneClient(TuneClient):
     """A split fine-tuning client that also attests its own TEE to the server enclave."""
 
-    def __init__(self, channel: Any, part: ClientPart, verifier: Verifier, own_enclave: Enclave, **kw: Any) -> None:
+    def __init__(
+        self, channel: Any, part: ClientPart, verifier: Verifier, own_enclave: Enclave, **kw: Any
+    ) -> None:
         super().__init__(channel, part, verifier, **kw)
         self.own_enclave = own_enclave
 
@@ -563,7 +571,9 @@ class FederatedClientEnclave:
         self, examples: Sequence[EncodedExample], *, steps: int, batch_size: int, pad_id: int, seed: int
     ) -> float:
         """``steps`` AdamW steps from the loaded global adapter (fresh optimizer each round)."""
-        opt = torch.optim.AdamW(self.adapter.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(
+            self.adapter.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay
+        )
         sched = batch_schedule(len(examples), batch_size=batch_size, epochs=steps * batch_size + 1, seed=seed)
         losses: list[float] = []
         self.adapter.part.train()
