@@ -1,0 +1,234 @@
+"""Benchmark secure vertical XGBoost: both algorithms, both triple sources, plaintext xgboost.
+
+    .venv/bin/python benchmarks/boost.py            # 10k / 50k / 200k rows x 40 features, 10 trees, depth 5
+    .venv/bin/python benchmarks/boost.py --quick    # small smoke run (< 2 min)
+    .venv/bin/python benchmarks/boost.py --rows 10000 50000 --algorithms ss-agg --triples dealer
+
+Both parties run in this process (two threads over MemoryChannel; the trusted dealer is a third
+thread speaking the real dealer protocol), so "network" time is mostly waiting for the peer and
+the machine's cores are shared by all three. The synthetic table is make_classification
+(40 features, 20 informative), split 20/20 between the parties; AUC on a held-out 20%.
+Writes benchmarks/results/boost.json (a list of runs) and boost.png (time vs rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from veil.boost.params import BoostParams
+from veil.boost.predict import secure_predict_margin
+from veil.boost.train import secure_train
+from veil.comm import MemoryChannel
+from veil.crypto.triples import TrustedDealer, run_dealer
+from veil.testing import run_parties
+
+console = Console(width=180)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_data(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import make_classification
+
+    n_test = max(1000, rows // 5)
+    x, y = make_classification(n_samples=rows + n_test, n_features=40, n_informative=20, n_redundant=10,
+                               random_state=seed, flip_y=0.05)
+    return x[:rows], x[rows:], y[:rows].astype(float), y[rows:].astype(float)
+
+
+def triple_sources(kind: str) -> tuple[Any, Any, threading.Thread | None]:
+    if kind == "dealer":
+        d0, p0 = MemoryChannel.pair(timeout=3600)
+        d1, p1 = MemoryChannel.pair(timeout=3600)
+        th = threading.Thread(target=run_dealer, args=(d0, d1), kwargs={"timeout": 3600}, daemon=True)
+        th.start()
+        box: dict[int, Any] = {}
+
+        def mk(i: int, ch: Any) -> None:
+            box[i] = TrustedDealer(ch, i, timeout=600)
+
+        t0 = threading.Thread(target=mk, args=(0, p0))
+        t0.start()
+        mk(1, p1)
+        t0.join()
+        return box[0], box[1], th
+    return None, None, None  # homomorphic: built inside each party (needs the party channel)
+
+
+def _party(ch: Any, role: str, x: np.ndarray, y: np.ndarray | None, params: BoostParams, src: Any,
+           xte: np.ndarray, he_backend: str | None) -> dict[str, Any]:
+    if src is None:
+        from veil.boost.api import make_triple_source
+
+        t0 = time.perf_counter()
+        src = make_triple_source("homomorphic", ch, 0 if role == "active" else 1)
+        setup = time.perf_counter() - t0
+    else:
+        setup = 0.0
+    res = secure_train(ch, role, x, y, params, src, he_backend=he_backend)
+    t0 = time.perf_counter()
+    margin = secure_predict_margin(ch, res.model, xte, src)
+    pred_s = time.perf_counter() - t0
+    if role == "passive":
+        src.close()
+    return {"res": res, "margin": margin, "predict_seconds": pred_s, "triples_setup": setup,
+            "trust": str(src.trust)}
+
+
+def run_one(rows: int, algorithm: str, triples: str, trees: int, depth: int, max_bin: int,
+            he_backend: str | None, timeout: float) -> dict[str, Any]:
+    from sklearn.metrics import roc_auc_score
+
+    xtr, xte, ytr, yte = make_data(rows)
+    params = BoostParams(n_estimators=trees, max_depth=depth, max_bin=max_bin, algorithm=algorithm)
+    run: dict[str, Any] = {
+        "rows": rows, "features": 40, "split": "20/20", "algorithm": algorithm, "triples": triples,
+        "n_estimators": trees, "max_depth": depth, "max_bin": max_bin,
+    }
+    # plaintext xgboost with the same hyper-parameters
+    import xgboost as xgb
+
+    t0 = time.perf_counter()
+    m = xgb.XGBClassifier(n_estimators=trees, max_depth=depth, learning_rate=params.learning_rate,
+                          reg_lambda=params.reg_lambda, min_child_weight=params.min_child_weight,
+                          max_bin=max_bin, tree_method="hist", base_score=float(ytr.mean()), n_jobs=2)
+    m.fit(xtr, ytr)
+    run["seconds_xgboost"] = round(time.perf_counter() - t0, 3)
+    run["auc_xgboost"] = round(float(roc_auc_score(yte, m.predict_proba(xte)[:, 1])), 5)
+    try:
+        s0, s1, dealer = triple_sources(triples)
+        t0 = time.perf_counter()
+        ra, rb = run_parties(
+            _party, _party, timeout=timeout,
+            args_a=("active", xtr[:, :20], ytr, params, s0, xte[:, :20], he_backend),
+            args_b=("passive", xtr[:, 20:], None, params, s1, xte[:, 20:], he_backend),
+        )
+        wall = time.perf_counter() - t0
+        if dealer is not None:
+            dealer.join(10)
+    except Exception as exc:  # noqa: BLE001 - a benchmark records failures
+        run["status"] = f"failed: {type(exc).__name__}: {exc}"
+        console.print(f"[red]{rows} {algorithm} {triples}: {run['status']}[/]")
+        traceback.print_exc()
+        return run
+    res_a, res_b = ra["res"], rb["res"]
+    run.update({
+        "status": "ok",
+        "trust": ra["trust"],
+        "seconds": round(res_a.seconds, 2),
+        "seconds_wall_incl_prediction": round(wall, 2),
+        "predict_seconds": round(ra["predict_seconds"], 2),
+        "triples_setup_seconds": round(ra["triples_setup"], 2),
+        "auc": round(float(roc_auc_score(yte, ra["margin"])), 5),
+        "bytes_sent": int(res_a.bytes_sent + res_b.bytes_sent),
+        "bytes_sent_active": int(res_a.bytes_sent),
+        "bytes_sent_passive": int(res_b.bytes_sent),
+        "rounds": int(res_a.rounds),
+        "he_ops": int(res_a.he_ops + res_b.he_ops),
+        "time_split": {
+            "he": round(res_a.time_split.get("he", 0.0), 2),
+            "triples": round(res_a.time_split.get("triples", 0.0), 2),
+            "ss_rounds": round(res_a.time_split.get("ss_compute", 0.0), 2),
+            "network": round(res_a.time_split.get("network", 0.0), 2),
+        },
+        "time_split_passive": {k: round(v, 2) for k, v in res_b.time_split.items()},
+    })
+    return run
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ok = [r for r in runs if r.get("status") == "ok"]
+    for key in sorted({(r["algorithm"], r["triples"]) for r in ok}):
+        pts = sorted((r["rows"], r["seconds"]) for r in ok if (r["algorithm"], r["triples"]) == key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} / {key[1]}")
+    xg = sorted({(r["rows"], r["seconds_xgboost"]) for r in runs if "seconds_xgboost" in r})
+    if xg:
+        ax.plot([p[0] for p in xg], [p[1] for p in xg], marker="s", linestyle="--", label="xgboost (plaintext)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("rows (40 features, 20/20)")
+    ax.set_ylabel("training seconds")
+    title = "veil.boost training time vs rows"
+    if ok:
+        title += f" ({ok[0]['n_estimators']} trees, depth {ok[0]['max_depth']}, max_bin {ok[0]['max_bin']})"
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small smoke run (< 2 min)")
+    ap.add_argument("--rows", type=int, nargs="+", default=None)
+    ap.add_argument("--algorithms", nargs="+", default=["ss-agg", "he-agg"])
+    ap.add_argument("--triples", nargs="+", default=["dealer", "homomorphic"])
+    ap.add_argument("--trees", type=int, default=None)
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--max-bin", type=int, default=16)
+    ap.add_argument("--he-backend", default=None)
+    ap.add_argument("--timeout", type=float, default=3600.0, help="per run")
+    ap.add_argument("--out", default=str(RESULTS / "boost.json"))
+    args = ap.parse_args(argv)
+    rows = args.rows or ([1000] if args.quick else [10_000, 50_000, 200_000])
+    trees = args.trees or (2 if args.quick else 10)
+    depth = args.depth or (3 if args.quick else 5)
+    runs: list[dict[str, Any]] = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": "python benchmarks/boost.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other work; timings under contention)",
+        "python": platform.python_version(),
+    }
+    for n in rows:
+        for alg in args.algorithms:
+            for tk in args.triples:
+                console.print(f"[bold]{n} rows, {alg}, triples={tk}[/] ...")
+                r = run_one(n, alg, tk, trees, depth, args.max_bin, args.he_backend, args.timeout)
+                r["meta"] = meta
+                runs.append(r)
+                out.write_text(json.dumps(runs, indent=1))
+    table = Table(title="veil.boost benchmark (secure training vs plaintext xgboost)")
+    for col in ("rows", "algorithm", "triples", "status", "seconds", "xgboost s", "auc", "auc xgb",
+                "MB sent", "rounds", "he ops", "he / triples / ss / network s"):
+        table.add_column(col, justify="right")
+    for r in runs:
+        ts = r.get("time_split", {})
+        table.add_row(
+            str(r["rows"]), r["algorithm"], r["triples"], str(r.get("status", ""))[:40],
+            str(r.get("seconds", "-")), str(r.get("seconds_xgboost", "-")), str(r.get("auc", "-")),
+            str(r.get("auc_xgboost", "-")), f"{r.get('bytes_sent', 0) / 1e6:.0f}", str(r.get("rounds", "-")),
+            str(r.get("he_ops", "-")),
+            " / ".join(str(ts.get(k, "-")) for k in ("he", "triples", "ss_rounds", "network")),
+        )
+    console.print(table)
+    plot(runs, out.with_suffix(".png"))
+    console.print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
