@@ -210,3 +210,19 @@ def test_homomorphic_triples_arith_via_ot() -> None:
     ((a0, b0, c0), r0), ((a1, b1, c1), _) = run_parties(role(0, x0, y0), role(1, x1, y1), timeout=120)
     np.testing.assert_array_equal((a0 + a1) * (b0 + b1), c0 + c1)
     np.testing.assert_allclose(r0, x * y, atol=1e-3)
+
+
+def test_ot_bit_product() -> None:
+    from veil.crypto.triples_ot import OTExtension
+
+    rng = np.random.default_rng(13)
+    bits = [rng.integers(0, 2, 37).astype(np.uint64) for _ in range(2)]
+
+    def role(p: int) -> Any:
+        def f(ch: Channel) -> Any:
+            return OTExtension(ch, p, timeout=30).bit_product(bits[p])
+
+        return f
+
+    z0, z1 = run_parties(role(0), role(1), timeout=120)
+    np.testing.assert_array_equal(z0 + z1, bits[0] * bits[1])

@@ -380,7 +380,13 @@ class MPC:
         return out
 
     def _private_bit_product(self, mine: U64) -> U64:
-        """Shares of ``m0 * m1`` where party i privately holds ``m_i`` (any ring values)."""
+        """Shares of ``m0 * m1`` where party i privately holds the bit ``m_i``: the triple
+        source's ``bit_product`` (one OT per element, dealer-free) if it has one, else a Beaver
+        triple."""
+        direct = getattr(self.triples, "bit_product", None)
+        if direct is not None:
+            out: U64 = direct(mine)
+            return out
         a, b, c = self.triples.beaver(mine.shape)
         xs = mine if self.party == 0 else np.zeros_like(mine)
         ys = mine if self.party == 1 else np.zeros_like(mine)

@@ -245,6 +245,12 @@ class HomomorphicTriples:
         self.generated["beaver"] += n
         return a, b, c
 
+    def bit_product(self, mine: U64) -> U64:
+        """Shares of ``x0 * x1`` for private bits (truncation wrap bits, bit-to-arithmetic):
+        one OT per element instead of a whole Beaver triple. Used by :class:`MPC` when present."""
+        out: U64 = self._ot_engine().bit_product(mine)
+        return out
+
     def bit_triples(self, nbytes: int) -> tuple[U8, U8, U8]:
         if self.bits_via == "ot":
             out: tuple[U8, U8, U8] = self._ot_engine().and_triples(nbytes)
