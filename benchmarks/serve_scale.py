@@ -66,13 +66,13 @@ MODEL = "m"
 
 @dataclass(frozen=True)
 class Params:
-    base_rate: float = 20.0
+    base_rate: float = 10.0
     spike_factor: float = 3.0
     before_s: float = 30.0
     spike_s: float = 60.0
     after_s: float = 60.0
     slo_s: float = 0.5
-    compute_ms: float = 25.0
+    compute_ms: float = 40.0
     startup_s: float = 1.5
     enclave_mb: float = 40.0
     hosts: tuple[str, ...] = ("h0", "h1", "h2")
@@ -424,6 +424,17 @@ async def run_config(name: str, p: Params, pattern: LoadPattern) -> dict[str, An
                     )
 
         ctl_task = asyncio.create_task(control())
+        lags: list[float] = []
+
+        async def lag_monitor() -> None:
+            # event-loop lag = CPU starvation of this process (the machine is shared)
+            loop = asyncio.get_running_loop()
+            while True:
+                t = loop.time()
+                await asyncio.sleep(0.05)
+                lags.append(loop.time() - t - 0.05)
+
+        lag_task = asyncio.create_task(lag_monitor())
         timeout = aiohttp.ClientTimeout(total=30)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as sess:
             infer = cluster.url + f"/v2/models/{MODEL}/infer"
@@ -438,6 +449,7 @@ async def run_config(name: str, p: Params, pattern: LoadPattern) -> dict[str, An
 
             res = await run_load(send, pattern, seed=p.seed, request_timeout_s=30, drain_timeout_s=30)
         ctl_task.cancel()
+        lag_task.cancel()
         cluster._account()
         served = sum(w.served for w in cluster.workers.values())
         paged = sum(w.paged for w in cluster.workers.values())
@@ -450,6 +462,8 @@ async def run_config(name: str, p: Params, pattern: LoadPattern) -> dict[str, An
         max_replicas=max(n for _, n in cluster.replica_series),
         scale_decisions=len(decisions),
         paged_requests_on_final_replicas=paged,
+        loop_lag_p99_ms=round(sorted(lags)[int(0.99 * (len(lags) - 1))] * 1e3, 1) if lags else None,
+        loop_lag_max_ms=round(max(lags) * 1e3, 1) if lags else None,
         served_on_final_replicas=served,
     )
     return {"summary": s, "records": res.records, "replicas": cluster.replica_series, "decisions": decisions}
