@@ -207,6 +207,7 @@ def _strip(obj: Any) -> Any:
     return obj
 
 
+@pytest.mark.slow
 @needs_kubectl
 @pytest.mark.parametrize("mode", list(MODES))
 def test_kustomize_overlay_equals_helm_render(rendered: dict[str, list[dict[str, Any]]], mode: str) -> None:
@@ -286,6 +287,7 @@ def api_server() -> Iterator[str]:
     t.join(10)
 
 
+@pytest.mark.slow
 @needs_kubectl
 @pytest.mark.parametrize("mode", list(MODES))
 def test_kubectl_apply_dry_run(

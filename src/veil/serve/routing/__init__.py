@@ -34,7 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from veil.errors import ConfigError, VeilError
+from veil.errors import ConfigError
+from veil.serve.errors import ServiceUnavailable
 
 __all__ = [
     "POLICIES",
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 
-class NoReplicaAvailable(VeilError):
+class NoReplicaAvailable(ServiceUnavailable):
     """No healthy replica can take the request (the gateway answers 503)."""
 
 
