@@ -6,11 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pytest
 
 from veil.comm import Channel
 from veil.crypto.encoding import FixedPoint
 from veil.crypto.mpc import MPC, OneHotMatrix
-from veil.crypto.sharing import AShare, share_floats
+from veil.crypto.sharing import AShare, share, share_floats
 from veil.crypto.triples import LocalDealer
 from veil.testing import run_parties
 
@@ -153,3 +154,17 @@ def test_ltz_with_bit_bound() -> None:
 
     oh, _ = run_mpc(prog, (sh[0],), (sh[1],))
     np.testing.assert_array_equal(oh, np.eye(9, dtype=np.uint64)[np.argmax(v, axis=1)])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 17, 40, 62, 63])
+def test_ltz_every_bit_width(bits: int) -> None:
+    lim = 2**bits
+    raw = np.concatenate([rng.integers(-lim + 1, lim, 300, dtype=np.int64), [0, 1, -1, lim - 1, -lim + 1]])
+    raw = np.clip(raw, -(2**63) + 1, 2**63 - 1).astype(np.int64)
+    s0, s1 = share(raw.view(np.uint64))
+
+    def prog(mpc: MPC, v: Any) -> np.ndarray:
+        return mpc.reveal(mpc.ltz(AShare(v, mpc.party, 0), bits=bits))
+
+    r0, _ = run_mpc(prog, (s0,), (s1,))
+    np.testing.assert_array_equal(r0, (raw < 0).astype(np.uint64))

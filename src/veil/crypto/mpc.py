@@ -15,7 +15,7 @@ Protocols (semi-honest, see docs/protocols/mpc.md for the cost table and error b
 * ``ltz``: with ``y = x + 2^l`` (``|x| < 2^l``, l = 63 by default), ``x < 0`` iff bit l of y is
   0; bit l = both shares' bit l XOR the carry of ``low_l(y0) + low_l(y1)`` (a millionaires'
   circuit on XOR-shared bit planes, Kogge-Stone reduction, boolean AND triples), then
-  bit-to-arithmetic with one Beaver product: 8 rounds and 189 AND gates/element for l = 63.
+  bit-to-arithmetic with one Beaver product: 8 rounds and 181 AND gates/element for l = 63 (112 for l = 40).
 * ``argmax``: tournament of ``ltz`` + ``select``, log2(m) levels, shared one-hot + max.
 * ``reciprocal`` / ``div``: bit-length normalisation into [0.5, 1) with one batch of
   comparisons against the powers of two in ``[lo, hi)``, linear initial guess, 3 Newton steps.
@@ -424,31 +424,31 @@ class MPC:
         mine_b = packed if self.party == 1 else zeros
         g = self._and(mine_a.ravel(), mine_b.ravel()).reshape(bits, nb)
         p = packed  # XOR sharing of a_j ^ b_j is (a_j, b_j)
-        # pad to a power of two with neutral top groups (G=0, P=1)
-        width = 1 << max(1, (bits - 1).bit_length())
-        pad = width - bits
-        if pad:
-            g = np.concatenate([g, np.zeros((pad, nb), np.uint8)])
-            p = np.concatenate([p, np.full((pad, nb), 0xFF if self.party == 0 else 0, np.uint8)])
+        # Kogge-Stone style reduction; an unpaired top group passes through unchanged
         while g.shape[0] > 1:
-            g_lo, g_hi = g[0::2], g[1::2]
-            p_lo, p_hi = p[0::2], p[1::2]
-            half = g_hi.shape[0]
-            if half == 1:
+            cnt = g.shape[0]
+            half = cnt // 2
+            g_lo, g_hi = g[0:2 * half:2], g[1:2 * half:2]
+            p_lo, p_hi = p[0:2 * half:2], p[1:2 * half:2]
+            if cnt == 2:
                 t = self._and(p_hi.ravel(), g_lo.ravel()).reshape(1, nb)
                 g = g_hi ^ t
                 break
+            # the lowest group's P is never needed (nothing carries into bit 0)
             both = self._and(
-                np.concatenate([p_hi, p_hi]).ravel(), np.concatenate([g_lo, p_lo]).ravel()
-            ).reshape(2 * half, nb)
-            g = g_hi ^ both[:half]
-            p = both[half:]
+                np.concatenate([p_hi, p_hi[1:]]).ravel(), np.concatenate([g_lo, p_lo[1:]]).ravel()
+            ).reshape(2 * half - 1, nb)
+            new_g = g_hi ^ both[:half]
+            new_p = np.concatenate([np.zeros((1, nb), np.uint8), both[half:]])
+            if cnt % 2:
+                new_g = np.concatenate([new_g, g[-1:]])
+                new_p = np.concatenate([new_p, p[-1:]])
+            g, p = new_g, new_p
         return g[0]
 
     def ltz(self, x: AShare, *, bits: int = 63) -> AShare:
         """Shared bit ``[x < 0]`` (signed; frac 0). ``bits``: promise that ``|x| < 2^bits``
-        (default 63 = any ring element); smaller values need fewer AND gates (about
-        ``3 * bits``). ``2 + ceil(log2 bits)`` rounds."""
+        (default 63 = any ring element); smaller values need fewer AND gates (``181`` for 63, ``112`` for 40). ``2 + ceil(log2 bits)`` rounds."""
         if not 1 <= bits <= 63:
             raise InputError("ltz: bits must be in [1, 63]")
         flat = x.values.ravel()
