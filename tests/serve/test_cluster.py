@@ -52,8 +52,11 @@ def client_policy(**kw: object) -> Policy:
     return Policy(**base)  # type: ignore[arg-type]
 
 
+_VERIFY: object = True
+
+
 def metric(url: str, name: str, labels: str = "") -> float:
-    text = httpx.get(url + "/metrics", timeout=5).text
+    text = httpx.get(url + "/metrics", timeout=5, verify=_VERIFY).text  # type: ignore[arg-type]
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name) and (not labels or labels in line):
@@ -75,14 +78,37 @@ def cluster(
         key_files=[k1, k2],
         reattest_s=1.0,
         capture_file=d / "gateway-capture.bin",
+        worker_tls=True,
     )
     c.start(timeout=180)
+    global _VERIFY
+    _VERIFY = c.verify
     try:
         yield c
     finally:
         c.stop()
     for p in c.procs:
         assert p.popen is not None and p.popen.poll() is not None, f"{p.name} still running"
+
+
+def test_every_replica_presents_the_shared_service_identity(cluster: LocalCluster) -> None:
+    import ssl
+
+    service_pem = KMSClient(cluster.kms_url).service()["tls_cert_pem"]
+    want = ssl.PEM_cert_to_DER_cert(service_pem)
+    workers = cluster.worker_procs()
+    assert len(workers) == 4 and all(p.url.startswith("https://") for p in workers)
+    for p in workers:
+        host, port = p.url.removeprefix("https://").split(":")
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        import socket
+
+        with socket.create_connection((host, int(port)), timeout=5) as raw, ctx.wrap_socket(raw) as tls:
+            assert tls.getpeercert(binary_form=True) == want
+    with pytest.raises(httpx.HTTPError):  # plain HTTP to a TLS worker fails
+        httpx.get(workers[0].url.replace("https://", "http://") + "/v2/health/live", timeout=5)
 
 
 def test_tritonclient_onnx_and_xgboost_equal_local_inference(

@@ -162,6 +162,9 @@ def worker(
     debug_enclave: bool = typer.Option(
         False, help="Run a debug enclave (KMS policies refuse it by default)."
     ),
+    tls: bool = typer.Option(
+        False, "--tls", help="Serve HTTPS with the shared service identity from the KMS."
+    ),
     verbose: bool = typer.Option(False, "-v"),
 ) -> None:
     """Run one enclave worker: attest, fetch keys, decrypt the model in memory, serve KServe v2."""
@@ -182,6 +185,7 @@ def worker(
             reattest_s=reattest_s,
             attest_timeout_s=attest_timeout_s,
             debug_enclave=debug_enclave,
+            tls=tls,
         )
     )
 
@@ -194,6 +198,7 @@ def gateway(
     policy: str = typer.Option("round-robin", help="Routing policy (veil.serve.routing)."),
     poll_s: float = typer.Option(0.5, help="Replica status poll interval."),
     capture_file: Path | None = typer.Option(None, help="DEBUG: record every request body the gateway sees."),
+    worker_ca: Path | None = typer.Option(None, help="HTTPS to workers, pinning this service certificate."),
     verbose: bool = typer.Option(False, "-v"),
 ) -> None:
     """Run the KServe v2 gateway in front of the workers."""
@@ -210,6 +215,7 @@ def gateway(
             policy=policy,
             poll_s=poll_s,
             capture_file=capture_file,
+            worker_ca=worker_ca,
         )
     )
 
@@ -224,6 +230,9 @@ def up(
     port: int = typer.Option(8080, help="Gateway port (0 = any free port)."),
     policy: str = typer.Option("round-robin", help="Routing policy."),
     tee: str = typer.Option("simulated", help="TEE backend for workers and KMS."),
+    worker_tls: bool = typer.Option(
+        False, help="Gateway -> workers over HTTPS with the shared service identity."
+    ),
 ) -> None:
     """Start KMS, workers and gateway on 127.0.0.1; Ctrl-C / SIGTERM stops everything."""
     from veil.serve.cluster.local import LocalCluster
@@ -238,6 +247,7 @@ def up(
         policy=policy,
         tee=tee,
         allow_simulated=tee == "simulated",
+        worker_tls=worker_tls,
     )
     stop = threading.Event()
 

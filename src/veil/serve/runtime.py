@@ -84,10 +84,32 @@ def run_worker(config: Any) -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     worker.start()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    fds: list[int] = []
     try:
-        serve_app(create_app(worker), config.host, config.port)
+        cert = key = None
+        if config.tls:
+            # the shared service identity stays in memory: uvicorn reads it from memfd paths
+            cert, key = (
+                _memfile(name, data, fds)
+                for name, data in (
+                    ("veil-tls-cert", worker.tls_cert_pem),
+                    ("veil-tls-key", worker.tls_key_pem),
+                )
+            )
+        serve_app(create_app(worker), config.host, config.port, certfile=cert, keyfile=key)
     finally:
         worker.stop()
+        for fd in fds:
+            os.close(fd)
+
+
+def _memfile(name: str, data: bytes, fds: list[int]) -> Path:
+    if not hasattr(os, "memfd_create"):
+        raise ConfigError("worker TLS needs memfd_create (Linux) to keep the key off disk")
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    fds.append(fd)
+    os.write(fd, data)
+    return Path(f"/proc/self/fd/{fd}")
 
 
 def run_gateway(config: Any) -> None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -69,8 +70,11 @@ class LocalCluster:
     reattest_s: float = 30.0
     admin_token: str = ""
     capture_file: Path | None = None
+    worker_tls: bool = False
+    """Workers serve HTTPS with the shared service identity; the gateway pins its certificate."""
     env: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
+    verify: Any = True
     kms_url: str = ""
     gateway_url: str = ""
 
@@ -98,7 +102,7 @@ class LocalCluster:
                     f"{p.name} exited with code {p.popen.returncode}; see {p.log_path}:\n" + self.tail(p)
                 )
             try:
-                if httpx.get(p.url + path, timeout=1.0).status_code == 200:
+                if httpx.get(p.url + path, timeout=1.0, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -153,11 +157,20 @@ class LocalCluster:
         try:
             self._wait_http(self.procs[-1], "/v1/health", timeout)
             self._register_keys(manifests)
+            service_cert: Path | None = None
+            if self.worker_tls:
+                from veil.serve.gateway.app import pinned_context
+
+                with KMSClient(self.kms_url) as kms:
+                    service_cert = self.state_dir / "service-cert.pem"
+                    service_cert.write_text(str(kms.service()["tls_cert_pem"]))
+                self.verify = pinned_context(service_cert)
+            scheme = "https" if self.worker_tls else "http"
             wurls = []
             for i in range(self.workers):
                 for j, pkg in enumerate(self.packages):
                     port = free_port()
-                    url = f"http://127.0.0.1:{port}"
+                    url = f"{scheme}://127.0.0.1:{port}"
                     argv = [
                         py,
                         "-m",
@@ -176,6 +189,8 @@ class LocalCluster:
                         "--reattest-s",
                         str(self.reattest_s),
                     ]
+                    if self.worker_tls:
+                        argv.append("--tls")
                     self._spawn(Proc(f"worker-{i}-{manifests[j].name}", argv, url))
                     wurls.append(url)
             gport = self.gateway_port or free_port()
@@ -194,6 +209,8 @@ class LocalCluster:
             ]
             for u in wurls:
                 gargv += ["--worker", u]
+            if service_cert is not None:
+                gargv += ["--worker-ca", str(service_cert)]
             if self.capture_file is not None:
                 gargv += ["--capture-file", str(self.capture_file)]
             for p in [p for p in self.procs if p.name.startswith("worker")]:

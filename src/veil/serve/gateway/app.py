@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, ConfigDict, Field
 
 from veil.crypto.random import random_bytes
+from veil.errors import ConfigError
 from veil.serve.asgi import FastPost
 from veil.serve.e2e import E2E_CONTENT_TYPE
 from veil.serve.errors import ServeError
@@ -53,8 +55,25 @@ class GatewayConfig(BaseModel):
     request_timeout_s: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=4, ge=1, le=32)
     dedup_entries: int = Field(default=4096, ge=0)
+    worker_ca: Path | None = None
+    """Talk HTTPS to workers and pin this certificate (the shared service identity's)."""
     capture_file: Path | None = None
     """Debug/test only: append every request and response body the gateway handled (what it can see)."""
+
+
+def pinned_context(cert: Path) -> ssl.SSLContext:
+    """TLS client context that trusts exactly ``cert`` (the service identity every replica presents).
+
+    Host names are not checked: the certificate is pinned, and replicas on any host present it.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=str(cert))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the worker certificate {cert}: {exc}") from None
+    return ctx
 
 
 class Gateway:
@@ -86,7 +105,10 @@ class Gateway:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        conn = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        ssl_ctx: ssl.SSLContext | bool = True
+        if self.cfg.worker_ca is not None:
+            ssl_ctx = pinned_context(self.cfg.worker_ca)
+        conn = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ssl=ssl_ctx)
         self.session = aiohttp.ClientSession(
             connector=conn, timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, sock_connect=2.0)
         )

@@ -74,6 +74,8 @@ class WorkerConfig(BaseModel):
     reattest_s: float = Field(default=60.0, ge=0)
     attest_timeout_s: float = Field(default=60.0, gt=0)
     trusted_signers: set[str] | None = None
+    tls: bool = False
+    """Serve HTTPS with the shared service TLS identity released by the KMS (kept in memory)."""
 
 
 class Worker:
@@ -93,6 +95,7 @@ class Worker:
         self.e2e: ServerE2E | None = None
         self.identity_pub = b""
         self.tls_cert_pem = b""
+        self.tls_key_pem = b""
         self.ready = False
         self.outstanding = 0
         self.epc: Any = None
@@ -168,6 +171,7 @@ class Worker:
         self.e2e = ServerE2E(ident)
         self.identity_pub = ident.public_bytes
         self.tls_cert_pem = rel.identity.tls_cert_pem
+        self.tls_key_pem = rel.identity.tls_key_pem
         self.m_enclave.set(self.runner.footprint_bytes)
         self._open_epc()
         self.ready = True
