@@ -15,7 +15,8 @@ Protocols (semi-honest, see docs/protocols/mpc.md for the cost table and error b
 * ``ltz``: with ``y = x + 2^l`` (``|x| < 2^l``, l = 63 by default), ``x < 0`` iff bit l of y is
   0; bit l = both shares' bit l XOR the carry of ``low_l(y0) + low_l(y1)`` (a millionaires'
   circuit on XOR-shared bit planes, Kogge-Stone reduction, boolean AND triples), then
-  bit-to-arithmetic with one Beaver product: 8 rounds and 181 AND gates/element for l = 63 (112 for l = 40).
+  bit-to-arithmetic with one Beaver product: 8 rounds and 181 AND gates/element for l = 63
+  (112 for l = 40).
 * ``argmax``: tournament of ``ltz`` + ``select``, log2(m) levels, shared one-hot + max.
 * ``reciprocal`` / ``div``: bit-length normalisation into [0.5, 1) with one batch of
   comparisons against the powers of two in ``[lo, hi)``, linear initial guess, 3 Newton steps.
@@ -448,7 +449,8 @@ class MPC:
 
     def ltz(self, x: AShare, *, bits: int = 63) -> AShare:
         """Shared bit ``[x < 0]`` (signed; frac 0). ``bits``: promise that ``|x| < 2^bits``
-        (default 63 = any ring element); smaller values need fewer AND gates (``181`` for 63, ``112`` for 40). ``2 + ceil(log2 bits)`` rounds."""
+        (default 63 = any ring element); smaller values need fewer AND gates (181 for 63, 112
+        for 40). About ``2 + ceil(log2 bits)`` rounds."""
         if not 1 <= bits <= 63:
             raise InputError("ltz: bits must be in [1, 63]")
         flat = x.values.ravel()
