@@ -44,8 +44,14 @@ def make_data(rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndar
     from sklearn.datasets import make_classification
 
     n_test = max(1000, rows // 5)
-    x, y = make_classification(n_samples=rows + n_test, n_features=40, n_informative=20, n_redundant=10,
-                               random_state=seed, flip_y=0.05)
+    x, y = make_classification(
+        n_samples=rows + n_test,
+        n_features=40,
+        n_informative=20,
+        n_redundant=10,
+        random_state=seed,
+        flip_y=0.05,
+    )
     return x[:rows], x[rows:], y[:rows].astype(float), y[rows:].astype(float)
 
 
@@ -68,8 +74,16 @@ def triple_sources(kind: str) -> tuple[Any, Any, threading.Thread | None]:
     return None, None, None  # homomorphic: built inside each party (needs the party channel)
 
 
-def _party(ch: Any, role: str, x: np.ndarray, y: np.ndarray | None, params: BoostParams, src: Any,
-           xte: np.ndarray, he_backend: str | None) -> dict[str, Any]:
+def _party(
+    ch: Any,
+    role: str,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    params: BoostParams,
+    src: Any,
+    xte: np.ndarray,
+    he_backend: str | None,
+) -> dict[str, Any]:
     if src is None:
         from veil.boost.api import make_triple_source
 
@@ -84,27 +98,54 @@ def _party(ch: Any, role: str, x: np.ndarray, y: np.ndarray | None, params: Boos
     pred_s = time.perf_counter() - t0
     if role == "passive":
         src.close()
-    return {"res": res, "margin": margin, "predict_seconds": pred_s, "triples_setup": setup,
-            "trust": str(src.trust)}
+    return {
+        "res": res,
+        "margin": margin,
+        "predict_seconds": pred_s,
+        "triples_setup": setup,
+        "trust": str(src.trust),
+    }
 
 
-def run_one(rows: int, algorithm: str, triples: str, trees: int, depth: int, max_bin: int,
-            he_backend: str | None, timeout: float) -> dict[str, Any]:
+def run_one(
+    rows: int,
+    algorithm: str,
+    triples: str,
+    trees: int,
+    depth: int,
+    max_bin: int,
+    he_backend: str | None,
+    timeout: float,
+) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
     xtr, xte, ytr, yte = make_data(rows)
     params = BoostParams(n_estimators=trees, max_depth=depth, max_bin=max_bin, algorithm=algorithm)
     run: dict[str, Any] = {
-        "rows": rows, "features": 40, "split": "20/20", "algorithm": algorithm, "triples": triples,
-        "n_estimators": trees, "max_depth": depth, "max_bin": max_bin,
+        "rows": rows,
+        "features": 40,
+        "split": "20/20",
+        "algorithm": algorithm,
+        "triples": triples,
+        "n_estimators": trees,
+        "max_depth": depth,
+        "max_bin": max_bin,
     }
     # plaintext xgboost with the same hyper-parameters
     import xgboost as xgb
 
     t0 = time.perf_counter()
-    m = xgb.XGBClassifier(n_estimators=trees, max_depth=depth, learning_rate=params.learning_rate,
-                          reg_lambda=params.reg_lambda, min_child_weight=params.min_child_weight,
-                          max_bin=max_bin, tree_method="hist", base_score=float(ytr.mean()), n_jobs=2)
+    m = xgb.XGBClassifier(
+        n_estimators=trees,
+        max_depth=depth,
+        learning_rate=params.learning_rate,
+        reg_lambda=params.reg_lambda,
+        min_child_weight=params.min_child_weight,
+        max_bin=max_bin,
+        tree_method="hist",
+        base_score=float(ytr.mean()),
+        n_jobs=2,
+    )
     m.fit(xtr, ytr)
     run["seconds_xgboost"] = round(time.perf_counter() - t0, 3)
     run["auc_xgboost"] = round(float(roc_auc_score(yte, m.predict_proba(xte)[:, 1])), 5)
@@ -112,40 +153,44 @@ def run_one(rows: int, algorithm: str, triples: str, trees: int, depth: int, max
         s0, s1, dealer = triple_sources(triples)
         t0 = time.perf_counter()
         ra, rb = run_parties(
-            _party, _party, timeout=timeout,
+            _party,
+            _party,
+            timeout=timeout,
             args_a=("active", xtr[:, :20], ytr, params, s0, xte[:, :20], he_backend),
             args_b=("passive", xtr[:, 20:], None, params, s1, xte[:, 20:], he_backend),
         )
         wall = time.perf_counter() - t0
         if dealer is not None:
             dealer.join(10)
-    except Exception as exc:  # noqa: BLE001 - a benchmark records failures
+    except Exception as exc:
         run["status"] = f"failed: {type(exc).__name__}: {exc}"
         console.print(f"[red]{rows} {algorithm} {triples}: {run['status']}[/]")
         traceback.print_exc()
         return run
     res_a, res_b = ra["res"], rb["res"]
-    run.update({
-        "status": "ok",
-        "trust": ra["trust"],
-        "seconds": round(res_a.seconds, 2),
-        "seconds_wall_incl_prediction": round(wall, 2),
-        "predict_seconds": round(ra["predict_seconds"], 2),
-        "triples_setup_seconds": round(ra["triples_setup"], 2),
-        "auc": round(float(roc_auc_score(yte, ra["margin"])), 5),
-        "bytes_sent": int(res_a.bytes_sent + res_b.bytes_sent),
-        "bytes_sent_active": int(res_a.bytes_sent),
-        "bytes_sent_passive": int(res_b.bytes_sent),
-        "rounds": int(res_a.rounds),
-        "he_ops": int(res_a.he_ops + res_b.he_ops),
-        "time_split": {
-            "he": round(res_a.time_split.get("he", 0.0), 2),
-            "triples": round(res_a.time_split.get("triples", 0.0), 2),
-            "ss_rounds": round(res_a.time_split.get("ss_compute", 0.0), 2),
-            "network": round(res_a.time_split.get("network", 0.0), 2),
-        },
-        "time_split_passive": {k: round(v, 2) for k, v in res_b.time_split.items()},
-    })
+    run.update(
+        {
+            "status": "ok",
+            "trust": ra["trust"],
+            "seconds": round(res_a.seconds, 2),
+            "seconds_wall_incl_prediction": round(wall, 2),
+            "predict_seconds": round(ra["predict_seconds"], 2),
+            "triples_setup_seconds": round(ra["triples_setup"], 2),
+            "auc": round(float(roc_auc_score(yte, ra["margin"])), 5),
+            "bytes_sent": int(res_a.bytes_sent + res_b.bytes_sent),
+            "bytes_sent_active": int(res_a.bytes_sent),
+            "bytes_sent_passive": int(res_b.bytes_sent),
+            "rounds": int(res_a.rounds),
+            "he_ops": int(res_a.he_ops + res_b.he_ops),
+            "time_split": {
+                "he": round(res_a.time_split.get("he", 0.0), 2),
+                "triples": round(res_a.time_split.get("triples", 0.0), 2),
+                "ss_rounds": round(res_a.time_split.get("ss_compute", 0.0), 2),
+                "network": round(res_a.time_split.get("network", 0.0), 2),
+            },
+            "time_split_passive": {k: round(v, 2) for k, v in res_b.time_split.items()},
+        }
+    )
     return run
 
 
@@ -162,7 +207,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} / {key[1]}")
     xg = sorted({(r["rows"], r["seconds_xgboost"]) for r in runs if "seconds_xgboost" in r})
     if xg:
-        ax.plot([p[0] for p in xg], [p[1] for p in xg], marker="s", linestyle="--", label="xgboost (plaintext)")
+        ax.plot(
+            [p[0] for p in xg], [p[1] for p in xg], marker="s", linestyle="--", label="xgboost (plaintext)"
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("rows (40 features, 20/20)")
@@ -200,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": "python benchmarks/boost.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other work; timings under contention)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores "
+        "(shared with other work; timings under contention)",
         "python": platform.python_version(),
     }
     for n in rows:
@@ -212,15 +260,34 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 out.write_text(json.dumps(runs, indent=1))
     table = Table(title="veil.boost benchmark (secure training vs plaintext xgboost)")
-    for col in ("rows", "algorithm", "triples", "status", "seconds", "xgboost s", "auc", "auc xgb",
-                "MB sent", "rounds", "he ops", "he / triples / ss / network s"):
+    for col in (
+        "rows",
+        "algorithm",
+        "triples",
+        "status",
+        "seconds",
+        "xgboost s",
+        "auc",
+        "auc xgb",
+        "MB sent",
+        "rounds",
+        "he ops",
+        "he / triples / ss / network s",
+    ):
         table.add_column(col, justify="right")
     for r in runs:
         ts = r.get("time_split", {})
         table.add_row(
-            str(r["rows"]), r["algorithm"], r["triples"], str(r.get("status", ""))[:40],
-            str(r.get("seconds", "-")), str(r.get("seconds_xgboost", "-")), str(r.get("auc", "-")),
-            str(r.get("auc_xgboost", "-")), f"{r.get('bytes_sent', 0) / 1e6:.0f}", str(r.get("rounds", "-")),
+            str(r["rows"]),
+            r["algorithm"],
+            r["triples"],
+            str(r.get("status", ""))[:40],
+            str(r.get("seconds", "-")),
+            str(r.get("seconds_xgboost", "-")),
+            str(r.get("auc", "-")),
+            str(r.get("auc_xgboost", "-")),
+            f"{r.get('bytes_sent', 0) / 1e6:.0f}",
+            str(r.get("rounds", "-")),
             str(r.get("he_ops", "-")),
             " / ".join(str(ts.get(k, "-")) for k in ("he", "triples", "ss_rounds", "network")),
         )

@@ -36,8 +36,16 @@ class Recorder:
         self.inner.close()
 
 
-def party(ch: Any, role: str, x: np.ndarray, y: np.ndarray | None, params: BoostParams, src: Any,
-          x_test: np.ndarray | None = None, record: bool = False) -> tuple[Any, Any, list[Message]]:
+def party(
+    ch: Any,
+    role: str,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    params: BoostParams,
+    src: Any,
+    x_test: np.ndarray | None = None,
+    record: bool = False,
+) -> tuple[Any, Any, list[Message]]:
     rec = Recorder(ch) if record else ch
     res = secure_train(rec, role, x, y, params, src)
     received = list(rec.received) if record else []
@@ -45,8 +53,17 @@ def party(ch: Any, role: str, x: np.ndarray, y: np.ndarray | None, params: Boost
     return res, margin, received
 
 
-def grpc_party(ch: Any, role: str, x: np.ndarray, y: np.ndarray | None, params: BoostParams,
-               dealer_addr: str, dealer_fp: str, ident_dir: str, x_test: np.ndarray) -> dict[str, Any]:
+def grpc_party(
+    ch: Any,
+    role: str,
+    x: np.ndarray,
+    y: np.ndarray | None,
+    params: BoostParams,
+    dealer_addr: str,
+    dealer_fp: str,
+    ident_dir: str,
+    x_test: np.ndarray,
+) -> dict[str, Any]:
     """One party in its own OS process: TLS channel to the peer + TLS channel to the dealer."""
     from veil.comm import GrpcChannel, PartyIdentity
     from veil.crypto.triples import TrustedDealer

@@ -43,8 +43,10 @@ def test_row_count_mismatch_refused_on_both_sides():
     x = np.random.default_rng(0).random((30, 2))
     y = (x[:, 0] > 0.5).astype(float)
     s0, s1 = LocalDealer.pair()
-    seen = _both(lambda ch: secure_train(ch, "active", x, y, P, s0),
-                 lambda ch: secure_train(ch, "passive", x[:20], None, P, s1))
+    seen = _both(
+        lambda ch: secure_train(ch, "active", x, y, P, s0),
+        lambda ch: secure_train(ch, "passive", x[:20], None, P, s1),
+    )
     assert isinstance(seen["a"], BoostConfigError) and "row counts differ" in str(seen["a"])
     assert isinstance(seen["b"], BoostConfigError)
 
@@ -54,12 +56,15 @@ def test_parameter_mismatch_and_same_role_refused():
     y = (x[:, 0] > 0.5).astype(float)
     s0, s1 = LocalDealer.pair()
     other = BoostParams(n_estimators=3, max_depth=2, max_bin=4)
-    seen = _both(lambda ch: secure_train(ch, "active", x, y, P, s0),
-                 lambda ch: secure_train(ch, "passive", x, None, other, s1))
+    seen = _both(
+        lambda ch: secure_train(ch, "active", x, y, P, s0),
+        lambda ch: secure_train(ch, "passive", x, None, other, s1),
+    )
     assert "n_estimators" in str(seen["a"]) and isinstance(seen["b"], BoostConfigError)
     s0, s1 = LocalDealer.pair()
-    seen = _both(lambda ch: secure_train(ch, "active", x, y, P, s0),
-                 lambda ch: secure_train(ch, "active", x, y, P, s1))
+    seen = _both(
+        lambda ch: secure_train(ch, "active", x, y, P, s0), lambda ch: secure_train(ch, "active", x, y, P, s1)
+    )
     assert "both parties" in str(seen["a"])
 
 
@@ -89,18 +94,26 @@ def test_psi_alignment_and_empty_intersection():
     s0, s1 = LocalDealer.pair()
 
     def a(ch):
-        return SecureXGBClassifier("active", ch, triples=s0, n_estimators=1, max_depth=2, max_bin=4).fit(
-            xa, y, ids=ids_a).model_
+        return (
+            SecureXGBClassifier("active", ch, triples=s0, n_estimators=1, max_depth=2, max_bin=4)
+            .fit(xa, y, ids=ids_a)
+            .model_
+        )
 
     def b(ch):
-        return SecureXGBClassifier("passive", ch, triples=s1, n_estimators=1, max_depth=2, max_bin=4).fit(
-            xp, ids=ids_p).model_
+        return (
+            SecureXGBClassifier("passive", ch, triples=s1, n_estimators=1, max_depth=2, max_bin=4)
+            .fit(xp, ids=ids_p)
+            .model_
+        )
 
     ma, mb = run_parties(a, b, timeout=120)
     assert ma.metadata["n_rows"] == mb.metadata["n_rows"] == 30
     s0, s1 = LocalDealer.pair()
-    seen = _both(lambda ch: SecureXGBClassifier("active", ch, triples=s0).fit(xa, y, ids=ids_a),
-                 lambda ch: SecureXGBClassifier("passive", ch, triples=s1).fit(xp, ids=[f"z{i}" for i in range(40)]))
+    seen = _both(
+        lambda ch: SecureXGBClassifier("active", ch, triples=s0).fit(xa, y, ids=ids_a),
+        lambda ch: SecureXGBClassifier("passive", ch, triples=s1).fit(xp, ids=[f"z{i}" for i in range(40)]),
+    )
     assert isinstance(seen["a"], BoostInputError) and isinstance(seen["b"], BoostInputError)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tests.boost.helpers import grpc_party
+
 from veil.boost.model import PartyModel, load_model, save_model
 from veil.boost.params import BoostParams
 from veil.boost.predict import plain_predict_values, reconstruct_plain
@@ -43,11 +43,30 @@ def test_two_processes_over_tls_with_dealer(cancer, tmp_path):
     th.start()
     params = BoostParams(n_estimators=2, max_depth=2, max_bin=8)
     ra, rb = run_parties(
-        grpc_party, grpc_party, transport="grpc", timeout=300,
-        args_a=("active", xtr[:, :15], ytr, params, f"127.0.0.1:{la.port}", dealer_id.fingerprint,
-                str(tmp_path / "a"), xte[:, :15]),
-        args_b=("passive", xtr[:, 15:], None, params, f"127.0.0.1:{lb.port}", dealer_id.fingerprint,
-                str(tmp_path / "b"), xte[:, 15:]),
+        grpc_party,
+        grpc_party,
+        transport="grpc",
+        timeout=300,
+        args_a=(
+            "active",
+            xtr[:, :15],
+            ytr,
+            params,
+            f"127.0.0.1:{la.port}",
+            dealer_id.fingerprint,
+            str(tmp_path / "a"),
+            xte[:, :15],
+        ),
+        args_b=(
+            "passive",
+            xtr[:, 15:],
+            None,
+            params,
+            f"127.0.0.1:{lb.port}",
+            dealer_id.fingerprint,
+            str(tmp_path / "b"),
+            xte[:, 15:],
+        ),
     )
     th.join(30)
     assert served and served[0] > 0

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy.stats import chi2_contingency
-
 from tests.boost.helpers import party
+
 from veil.boost.messages import CiphertextBatch, Hello, HelloAck, Opening, Reveal, TreeDone
 from veil.boost.params import BoostParams
 from veil.crypto.encoding import FixedPoint
@@ -53,7 +53,9 @@ def _train(seed: int):
     params = BoostParams(n_estimators=2, max_depth=2, max_bin=8)
     s0, s1 = LocalDealer.pair()
     (ra, _, rec_a), (rb, _, rec_b) = run_parties(
-        party, party, timeout=300,
+        party,
+        party,
+        timeout=300,
         args_a=("active", x[:, :3], y.astype(float), params, s0, None, True),
         args_b=("passive", x[:, 3:], None, params, s1, None, True),
     )
@@ -129,7 +131,9 @@ def test_he_agg_feature_owner_only_sees_peer_ciphertexts():
     params = BoostParams(n_estimators=1, max_depth=2, max_bin=4, algorithm="he-agg")
     s0, s1 = LocalDealer.pair()
     (_, _, rec_a), (_, _, rec_b) = run_parties(
-        party, party, timeout=600,
+        party,
+        party,
+        timeout=600,
         args_a=("active", x[:, :2], y.astype(float), params, s0, None, True),
         args_b=("passive", x[:, 2:], None, params, s1, None, True),
     )

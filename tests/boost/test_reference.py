@@ -25,9 +25,16 @@ def _split_bins(xtr, xte, cols, max_bin):
 def _xgb(params: BoostParams, xtr, ytr, xte, base_score):
     cls = xgb.XGBClassifier if params.objective == "binary:logistic" else xgb.XGBRegressor
     m = cls(
-        n_estimators=params.n_estimators, max_depth=params.max_depth, learning_rate=params.learning_rate,
-        reg_lambda=params.reg_lambda, gamma=params.gamma, min_child_weight=params.min_child_weight,
-        max_bin=params.max_bin, tree_method="hist", base_score=base_score, n_jobs=1,
+        n_estimators=params.n_estimators,
+        max_depth=params.max_depth,
+        learning_rate=params.learning_rate,
+        reg_lambda=params.reg_lambda,
+        gamma=params.gamma,
+        min_child_weight=params.min_child_weight,
+        max_bin=params.max_bin,
+        tree_method="hist",
+        base_score=base_score,
+        n_jobs=1,
     )
     m.fit(xtr, ytr)
     return m.predict_proba(xte)[:, 1] if params.objective == "binary:logistic" else m.predict(xte)
@@ -91,7 +98,9 @@ def test_missing_values_routed(cancer):
 @pytest.mark.parametrize("obj", ["binary:logistic", "reg:squarederror"])
 def test_early_stopping_truncates(cancer, obj):
     xtr, xte, ytr, yte = cancer
-    params = BoostParams(objective=obj, n_estimators=60, max_depth=3, learning_rate=0.9, early_stopping_rounds=2)
+    params = BoostParams(
+        objective=obj, n_estimators=60, max_depth=3, learning_rate=0.9, early_stopping_rounds=2
+    )
     btr, bte = _split_bins(xtr, xte, [list(range(15)), list(range(15, 30))], 16)
     model = train_reference(btr, ytr, params, valid=(bte, yte))
     assert 1 <= len(model.trees) < 60

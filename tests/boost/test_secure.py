@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import xgboost as xgb
 from sklearn.metrics import roc_auc_score
-
 from tests.boost.helpers import party
+
 from veil.boost.params import BoostParams
 from veil.boost.predict import plain_predict_values, reconstruct_plain
 from veil.crypto.triples import LocalDealer
@@ -17,7 +17,9 @@ from veil.testing import run_parties
 def _run(xa, xp, y, params, xa_te, xp_te, record=False):
     s0, s1 = LocalDealer.pair()
     return run_parties(
-        party, party, timeout=600,
+        party,
+        party,
+        timeout=600,
         args_a=("active", xa, y, params, s0, xa_te, record),
         args_b=("passive", xp, None, params, s1, xp_te, record),
     )
@@ -25,9 +27,18 @@ def _run(xa, xp, y, params, xa_te, xp_te, record=False):
 
 def _xgb(params: BoostParams, xtr, ytr, xte, base):
     cls = xgb.XGBClassifier if params.objective == "binary:logistic" else xgb.XGBRegressor
-    m = cls(n_estimators=params.n_estimators, max_depth=params.max_depth, learning_rate=params.learning_rate,
-            reg_lambda=params.reg_lambda, gamma=params.gamma, min_child_weight=params.min_child_weight,
-            max_bin=params.max_bin, tree_method="hist", base_score=base, n_jobs=1)
+    m = cls(
+        n_estimators=params.n_estimators,
+        max_depth=params.max_depth,
+        learning_rate=params.learning_rate,
+        reg_lambda=params.reg_lambda,
+        gamma=params.gamma,
+        min_child_weight=params.min_child_weight,
+        max_bin=params.max_bin,
+        tree_method="hist",
+        base_score=base,
+        n_jobs=1,
+    )
     m.fit(xtr, ytr)
     return m.predict_proba(xte)[:, 1] if params.objective == "binary:logistic" else m.predict(xte)
 
@@ -87,6 +98,7 @@ def test_missing_values_subsample_colsample(cancer):
 
 def test_early_stopping_keeps_best_trees(cancer):
     from tests.boost.helpers import Recorder  # noqa: F401  (import check)
+
     from veil.boost.train import secure_train
 
     xtr, xte, ytr, yte = cancer

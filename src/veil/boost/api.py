@@ -45,7 +45,9 @@ def make_triple_source(kind: str | TripleSource, channel: Channel, party: int, *
             raise BoostConfigError(f"dealer-free triples are unavailable in this build: {exc}") from None
         return HomomorphicTriples(channel, party, **kwargs)  # type: ignore[no-any-return]
     if kind == "dealer":
-        raise BoostConfigError("triples='dealer' needs a connected TrustedDealer instance (see `veil boost dealer`)")
+        raise BoostConfigError(
+            "triples='dealer' needs a connected TrustedDealer instance (see `veil boost dealer`)"
+        )
     raise BoostConfigError(f"unknown triple source {kind!r}: use 'homomorphic' or a TripleSource")
 
 
@@ -98,10 +100,20 @@ class _SecureXGBBase:
         self._triples_spec = triples
         self._triples: TripleSource | None = None
         self.params = BoostParams(
-            objective=self.objective, n_estimators=n_estimators, max_depth=max_depth,
-            learning_rate=learning_rate, reg_lambda=reg_lambda, gamma=gamma, min_child_weight=min_child_weight,
-            max_bin=max_bin, subsample=subsample, colsample_bytree=colsample_bytree, base_score=base_score,
-            early_stopping_rounds=early_stopping_rounds, algorithm=algorithm, seed=seed,
+            objective=self.objective,
+            n_estimators=n_estimators,
+            max_depth=max_depth,
+            learning_rate=learning_rate,
+            reg_lambda=reg_lambda,
+            gamma=gamma,
+            min_child_weight=min_child_weight,
+            max_bin=max_bin,
+            subsample=subsample,
+            colsample_bytree=colsample_bytree,
+            base_score=base_score,
+            early_stopping_rounds=early_stopping_rounds,
+            algorithm=algorithm,
+            seed=seed,
         ).validate()
         self.frac_bits = frac_bits
         self.he_scheme = he_scheme
@@ -131,9 +143,16 @@ class _SecureXGBBase:
         return arr
 
     # ------------------------------------------------------------------ sklearn API
-    def fit(self, x: Any, y: Any = None, *, ids: Sequence[Any] | None = None,
-            eval_set: tuple[Any, Any] | None = None, eval_ids: Sequence[Any] | None = None,
-            feature_names: list[str] | None = None) -> _SecureXGBBase:
+    def fit(
+        self,
+        x: Any,
+        y: Any = None,
+        *,
+        ids: Sequence[Any] | None = None,
+        eval_set: tuple[Any, Any] | None = None,
+        eval_ids: Sequence[Any] | None = None,
+        feature_names: list[str] | None = None,
+    ) -> _SecureXGBBase:
         """Train together with the peer. ``ids`` aligns rows by PSI first (both parties must pass
         ids or neither); ``eval_set=(x_valid, y_valid)`` (labels only at the active party) enables
         early stopping when ``early_stopping_rounds`` is set."""
@@ -157,8 +176,17 @@ class _SecureXGBBase:
                 vy = None if vy is None else vy[vpos]
             valid = (vx, vy)
         self.result_ = secure_train(
-            self.channel, self.role, xa, ya, self.params, self.triples, feature_names=feature_names,
-            valid=valid, frac_bits=self.frac_bits, he_scheme=self.he_scheme, he_backend=self.he_backend,
+            self.channel,
+            self.role,
+            xa,
+            ya,
+            self.params,
+            self.triples,
+            feature_names=feature_names,
+            valid=valid,
+            frac_bits=self.frac_bits,
+            he_scheme=self.he_scheme,
+            he_backend=self.he_backend,
             progress=self.progress,
         )
         self.model_ = self.result_.model
@@ -169,7 +197,9 @@ class _SecureXGBBase:
             raise BoostConfigError("this estimator is not fitted: call fit() or load_model() first")
         return self.model_
 
-    def predict_margin(self, x: Any, *, ids: Sequence[Any] | None = None, reveal_to: str = "active") -> F64 | None:
+    def predict_margin(
+        self, x: Any, *, ids: Sequence[Any] | None = None, reveal_to: str = "active"
+    ) -> F64 | None:
         """Raw margins (active party; None at the passive party unless ``reveal_to='both'``)."""
         model = self._require_model()
         xa = as_float_matrix(x)
@@ -197,7 +227,9 @@ class SecureXGBClassifier(_SecureXGBBase):
 
     objective = "binary:logistic"
 
-    def predict_proba(self, x: Any, *, ids: Sequence[Any] | None = None, reveal_to: str = "active") -> F64 | None:
+    def predict_proba(
+        self, x: Any, *, ids: Sequence[Any] | None = None, reveal_to: str = "active"
+    ) -> F64 | None:
         """(rows, 2) class probabilities at the receiving party, None elsewhere."""
         m = self.predict_margin(x, ids=ids, reveal_to=reveal_to)
         if m is None:

@@ -43,7 +43,7 @@ STAT_BITS = 40
 
 def onehot_bucket_sums(bins: I32, n_bins: int, x: U64) -> U64:
     """``M^T x mod 2^64`` for the one-hot matrix of ``bins`` (n, F) and ``x`` (n, c)."""
-    n, feats = bins.shape
+    _, feats = bins.shape
     c = x.shape[1]
     out = np.zeros((feats * n_bins, c), dtype=np.uint64)
     for f in range(feats):
@@ -81,8 +81,17 @@ class _Timed:
 class SSAggregator:
     """``ss-agg`` bucket sums for one feature owner (see module docstring)."""
 
-    def __init__(self, mpc: MPC, holder: int, bins: I32 | None, n_rows: int, n_features: int, n_bins: int,
-                 stage: str, timing: _Timed) -> None:
+    def __init__(
+        self,
+        mpc: MPC,
+        holder: int,
+        bins: I32 | None,
+        n_rows: int,
+        n_features: int,
+        n_bins: int,
+        stage: str,
+        timing: _Timed,
+    ) -> None:
         self.mpc = mpc
         self.holder = holder
         self.n = n_rows
@@ -161,7 +170,9 @@ class SSAggregator:
         else:
             if self._b is None or self._z is None:
                 raise BoostProtocolError("bucket-sum correlation missing")
-            ch.send(Opening(f"{self.stage}/F{cols.start}", [np.ascontiguousarray(v.values - self._b[:, cols])]))
+            ch.send(
+                Opening(f"{self.stage}/F{cols.start}", [np.ascontiguousarray(v.values - self._b[:, cols])])
+            )
             z = self._z[:, cols]
         return AShare(np.ascontiguousarray(z), mpc.party, v.frac_bits)
 
@@ -173,8 +184,19 @@ class HEAggregator:
     peer's public key (used when this party owns the features).
     """
 
-    def __init__(self, mpc: MPC, holder: int, bins: I32 | None, n_rows: int, n_features: int, n_bins: int,
-                 stage: str, timing: _Timed, my_keys: Any, peer_pk: Any) -> None:
+    def __init__(
+        self,
+        mpc: MPC,
+        holder: int,
+        bins: I32 | None,
+        n_rows: int,
+        n_features: int,
+        n_bins: int,
+        stage: str,
+        timing: _Timed,
+        my_keys: Any,
+        peer_pk: Any,
+    ) -> None:
         self.mpc = mpc
         self.holder = holder
         self.n = n_rows

@@ -102,7 +102,9 @@ class PartyModel:
             if obj["format"] != MODEL_FORMAT:
                 raise IntegrityError(f"not a veil boost model (format {obj['format']!r})")
             if obj["version"] != MODEL_VERSION:
-                raise IntegrityError(f"unsupported model version {obj['version']} (this veil reads {MODEL_VERSION})")
+                raise IntegrityError(
+                    f"unsupported model version {obj['version']} (this veil reads {MODEL_VERSION})"
+                )
             depth = int(obj["depth"])
             trees = []
             for t in obj["trees"]:
@@ -110,7 +112,9 @@ class PartyModel:
                 if leaves.shape != (2**depth,):
                     raise IntegrityError("leaf share count does not match the tree depth")
                 splits = {
-                    int(k): SplitInfo(int(v["feature"]), int(v["bin"]), bool(v["missing_left"]), float(v["threshold"]))
+                    int(k): SplitInfo(
+                        int(v["feature"]), int(v["bin"]), bool(v["missing_left"]), float(v["threshold"])
+                    )
                     for k, v in t["splits"].items()
                 }
                 if any(not 0 <= k < 2**depth - 1 for k in splits):

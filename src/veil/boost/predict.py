@@ -85,7 +85,11 @@ def secure_predict_margin(
         a = AShare(blk if party == 0 else np.zeros_like(blk), party, 0)
         b = AShare(blk if party == 1 else np.zeros_like(blk), party, 0)
         leaf = mpc.mul(a, b)
-        m = mpc.matmul(leaf, ws) if w.size else AShare(np.zeros(blk.shape[0], np.uint64), party, model.frac_bits)
+        m = (
+            mpc.matmul(leaf, ws)
+            if w.size
+            else AShare(np.zeros(blk.shape[0], np.uint64), party, model.frac_bits)
+        )
         out[start : start + blk.shape[0]] = m.values + base
     margin = AShare(out, party, model.frac_bits)
     got = mpc.reveal(margin, to=None if reveal_to == "both" else 0)
@@ -116,7 +120,11 @@ def plain_predict_values(model: PlainModel, xs: list[F64]) -> F64:
     for tree in model.trees:
         inds = []
         for p in range(2):
-            lb = {node: child_left_bits_values(xs[p], s) for node, (owner, s) in tree.splits.items() if owner == p}
+            lb = {
+                node: child_left_bits_values(xs[p], s)
+                for node, (owner, s) in tree.splits.items()
+                if owner == p
+            }
             inds.append(leaf_indicator(lb, n, model.depth))
         out += (inds[0] & inds[1]).astype(np.float64) @ tree.leaf_weights
     return out

@@ -97,7 +97,7 @@ def masked_bins(bins: I32, keep: npt.NDArray[np.bool_]) -> I32:
 
 def histogram(bins: I32, vals: F64, n_bins: int) -> F64:
     """(nodes, features, n_bins) bucket sums of ``vals`` (rows x nodes)."""
-    n, feats = bins.shape
+    _, feats = bins.shape
     nodes = vals.shape[1]
     out = np.zeros((nodes, feats, n_bins))
     for f in range(feats):
@@ -146,7 +146,9 @@ def train_reference(
             win = np.argmax(cat, axis=1)
             best_gain = cat[np.arange(cat.shape[0]), win]
             parent = gsum * gsum / (hsum + params.reg_lambda)
-            v = ((best_gain > INVALID_GAIN / 2) & (best_gain - parent > params.gamma + SPLIT_EPS)).astype(float)
+            v = ((best_gain > INVALID_GAIN / 2) & (best_gain - parent > params.gamma + SPLIT_EPS)).astype(
+                float
+            )
             node_v.append(v)
             nxt = np.empty((n, 2 ** (level + 1)))
             n0 = all_gains[0].shape[1]

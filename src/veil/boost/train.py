@@ -140,13 +140,30 @@ class _TimedChannel:
         self._inner.close()
 
 
-def handshake(channel: Channel, party: int, n_rows: int, n_features: int, params: BoostParams,
-              triples_trust: str, frac_bits: int, has_missing: bool) -> tuple[int, bytes, bool]:
+def handshake(
+    channel: Channel,
+    party: int,
+    n_rows: int,
+    n_features: int,
+    params: BoostParams,
+    triples_trust: str,
+    frac_bits: int,
+    has_missing: bool,
+) -> tuple[int, bytes, bool]:
     """Exchange and compare public parameters; returns (peer's feature count, model id, peer has NaN)."""
     pub = {k: repr(v) for k, v in params.public_dict().items()}
     model_id = random_bytes(16) if party == 0 else b""
-    mine = Hello(BOOST_PROTOCOL_VERSION, ROLES[party], n_rows, n_features, pub, triples_trust, frac_bits, model_id,
-                 has_missing)
+    mine = Hello(
+        BOOST_PROTOCOL_VERSION,
+        ROLES[party],
+        n_rows,
+        n_features,
+        pub,
+        triples_trust,
+        frac_bits,
+        model_id,
+        has_missing,
+    )
     channel.send(mine)
     peer = channel.recv(Hello)
     problems = []
@@ -199,8 +216,18 @@ def _cand_sums(hist: U64, max_bin: int, both_dirs: bool) -> U64:
 
 
 class _Trainer:
-    def __init__(self, mpc: MPC, party: int, bins: I32, n_feats: tuple[int, int], params: BoostParams,
-                 timing: _Timed, dirs: tuple[bool, bool], he_keys: Any = None, peer_pk: Any = None) -> None:
+    def __init__(
+        self,
+        mpc: MPC,
+        party: int,
+        bins: I32,
+        n_feats: tuple[int, int],
+        params: BoostParams,
+        timing: _Timed,
+        dirs: tuple[bool, bool],
+        he_keys: Any = None,
+        peer_pk: Any = None,
+    ) -> None:
         self.mpc = mpc
         self.party = party
         self.bins = bins
@@ -221,7 +248,9 @@ class _Trainer:
         if params.reg_lambda <= 0:
             self.div_lo = 2.0**-8
         if math.log2(self.div_hi) > self.fxp.frac_bits:
-            raise BoostConfigError(f"{self.n} rows need more fixed-point fraction bits; use fewer rows per run")
+            raise BoostConfigError(
+                f"{self.n} rows need more fixed-point fraction bits; use fewer rows per run"
+            )
 
     # -- helpers
     def enc(self, x: float) -> U64:
@@ -243,16 +272,31 @@ class _Trainer:
         return aggs
 
     def _build_aggs(self, tbins: I32, tree: int) -> list[Any]:
-        aggs = []
+        aggs: list[Any] = []
         for holder in (0, 1):
             b = tbins if holder == self.party else None
             stage = f"t{tree}/agg{holder}"
             if self.p.algorithm == "ss-agg":
-                aggs.append(SSAggregator(self.mpc, holder, b, self.n, self.n_feats[holder], self.nb, stage,
-                                         self.timing))
+                aggs.append(
+                    SSAggregator(
+                        self.mpc, holder, b, self.n, self.n_feats[holder], self.nb, stage, self.timing
+                    )
+                )
             else:
-                aggs.append(HEAggregator(self.mpc, holder, b, self.n, self.n_feats[holder], self.nb, stage,
-                                         self.timing, self.he_keys, self.peer_pk))
+                aggs.append(
+                    HEAggregator(
+                        self.mpc,
+                        holder,
+                        b,
+                        self.n,
+                        self.n_feats[holder],
+                        self.nb,
+                        stage,
+                        self.timing,
+                        self.he_keys,
+                        self.peer_pk,
+                    )
+                )
         return aggs
 
     def grad_hess(self, margin: AShare, y: AShare) -> AShare:
@@ -267,7 +311,9 @@ class _Trainer:
         h = self.share0(np.full(self.n, self.enc(1.0), dtype=np.uint64), self.fxp.frac_bits)
         return AShare(np.stack([g.values, h.values]), self.party, self.fxp.frac_bits)
 
-    def tree(self, t: int, gh_all: AShare, binner: QuantileBinner) -> tuple[dict[int, SplitInfo], AShare, AShare]:
+    def tree(
+        self, t: int, gh_all: AShare, binner: QuantileBinner
+    ) -> tuple[dict[int, SplitInfo], AShare, AShare]:
         """Grow one tree; returns (own splits, leaf-weight shares (2^D,), leaf indicator (n, 2^D))."""
         mpc, p, n, f = self.mpc, self.p, self.n, self.fxp.frac_bits
         mb, nb, depth = p.max_bin, self.nb, p.max_depth
@@ -277,7 +323,9 @@ class _Trainer:
         if p.subsample < 1.0:
             sample = row_subsample(p, n, t).astype(np.uint64) if self.party == 0 else np.zeros(n, np.uint64)
             ind = AShare(sample[:, None], self.party, 0)
-            gh = mpc.mul(AShare(ind.values[None], self.party, 0), AShare(gh_all.values[:, :, None], self.party, f))
+            gh = mpc.mul(
+                AShare(ind.values[None], self.party, 0), AShare(gh_all.values[:, :, None], self.party, f)
+            )
         else:
             ind = self.share0(np.ones((n, 1), np.uint64), 0)
             gh = AShare(gh_all.values[:, :, None].copy(), self.party, f)
@@ -425,8 +473,16 @@ def secure_train(
     ch = _TimedChannel(channel, timing)
     trust = str(getattr(triples, "trust", "unknown"))
     has_missing = bool(np.isnan(x).any())
-    n_peer, model_id, peer_missing = handshake(ch, party, n, x.shape[1], params, trust,  # type: ignore[arg-type]
-                                               frac_bits, has_missing)
+    n_peer, model_id, peer_missing = handshake(
+        ch,
+        party,
+        n,
+        x.shape[1],
+        params,
+        trust,  # type: ignore[arg-type]
+        frac_bits,
+        has_missing,
+    )
     n_feats = (x.shape[1], n_peer) if party == 0 else (n_peer, x.shape[1])
     dirs = (has_missing, peer_missing) if party == 0 else (peer_missing, has_missing)
     fxp = FixedPoint(frac_bits)
@@ -491,19 +547,33 @@ def secure_train(
                 break
     seconds = time.perf_counter() - t_start
     model = PartyModel(
-        role=role, party=party, model_id=model_id, objective=params.objective, depth=depth,
-        max_bin=params.max_bin, frac_bits=frac_bits,
+        role=role,
+        party=party,
+        model_id=model_id,
+        objective=params.objective,
+        depth=depth,
+        max_bin=params.max_bin,
+        frac_bits=frac_bits,
         base_share=int(base_u) if party == 0 else 0,
         feature_names=list(feature_names) if feature_names else [f"f{i}" for i in range(x.shape[1])],
-        binner=binner, trees=trees, algorithm=params.algorithm, triples=trust,
+        binner=binner,
+        trees=trees,
+        algorithm=params.algorithm,
+        triples=trust,
         metadata={"n_features_peer": int(n_peer), "n_rows": int(n)},
     )
     split = dict(timing.seconds)
     split["ss_compute"] = max(0.0, seconds - sum(split.values()))
     stats = channel.stats
     return TrainResult(
-        model=model, seconds=seconds, bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
-        rounds=stats.rounds, he_ops=timing.he_ops, time_split=split, valid_history=history,
+        model=model,
+        seconds=seconds,
+        bytes_sent=stats.bytes_sent,
+        bytes_received=stats.bytes_received,
+        rounds=stats.rounds,
+        he_ops=timing.he_ops,
+        time_split=split,
+        valid_history=history,
         best_iteration=best[1] if best[1] >= 0 else None,
     )
 

@@ -41,8 +41,9 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------------- data
-def load_table(path: Path, id_column: str | None, label_column: str | None, *, need_label: bool
-               ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, list[str]]:
+def load_table(
+    path: Path, id_column: str | None, label_column: str | None, *, need_label: bool
+) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, list[str]]:
     """Read CSV/Parquet -> (features, labels, ids, feature names); clear errors on bad input."""
     import pandas as pd
 
@@ -57,14 +58,16 @@ def load_table(path: Path, id_column: str | None, label_column: str | None, *, n
             raise BoostInputError(f"{path}: use a .csv or .parquet file")
     except BoostInputError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any parser failure is bad input
+    except Exception as exc:
         raise BoostInputError(f"cannot read {path}: {exc}") from None
     if df.shape[0] == 0:
         raise BoostInputError(f"{path} has no rows")
     ids = None
     if id_column is not None:
         if id_column not in df.columns:
-            raise BoostInputError(f"{path} has no id column {id_column!r} (columns: {', '.join(map(str, df.columns))})")
+            raise BoostInputError(
+                f"{path} has no id column {id_column!r} (columns: {', '.join(map(str, df.columns))})"
+            )
         ids = [str(v) for v in df[id_column].tolist()]
         if len(set(ids)) != len(ids):
             raise BoostInputError(f"{path}: id column {id_column!r} has duplicate values")
@@ -89,8 +92,9 @@ def load_table(path: Path, id_column: str | None, label_column: str | None, *, n
 
 
 # ---------------------------------------------------------------------------------- channels
-def open_channel(peer: str | None, listen: str | None, identity: Path, peer_fingerprint: str,
-                 timeout: float) -> Any:
+def open_channel(
+    peer: str | None, listen: str | None, identity: Path, peer_fingerprint: str, timeout: float
+) -> Any:
     """TLS channel to the peer: connect to ``peer`` or wait on ``listen``."""
     from veil.comm import GrpcChannel, PartyIdentity
 
@@ -102,8 +106,15 @@ def open_channel(peer: str | None, listen: str | None, identity: Path, peer_fing
     return GrpcChannel.connect(peer, ident, peer_fingerprint, timeout=timeout)  # type: ignore[arg-type]
 
 
-def open_triples(kind: str, channel: Any, party: int, dealer: str | None, dealer_fingerprint: str | None,
-                 identity: Path, timeout: float) -> Any:
+def open_triples(
+    kind: str,
+    channel: Any,
+    party: int,
+    dealer: str | None,
+    dealer_fingerprint: str | None,
+    identity: Path,
+    timeout: float,
+) -> Any:
     from veil.boost.api import make_triple_source
 
     if kind == "dealer":
@@ -129,7 +140,9 @@ def train(
     peer: str = typer.Option(None, "--peer", help="Connect to the peer at HOST:PORT."),
     listen: str = typer.Option(None, "--listen", help="Wait for the peer on HOST:PORT."),
     identity: Path = typer.Option(..., "--identity", help="This party's identity dir (veil keys init)."),
-    peer_fingerprint: str = typer.Option(..., "--peer-fingerprint", help="The peer's certificate fingerprint."),
+    peer_fingerprint: str = typer.Option(
+        ..., "--peer-fingerprint", help="The peer's certificate fingerprint."
+    ),
     algorithm: str = typer.Option("ss-agg", "--algorithm", help="he-agg or ss-agg."),
     triples: str = typer.Option("homomorphic", "--triples", help="homomorphic (dealer-free) or dealer."),
     dealer: str = typer.Option(None, "--dealer", help="Trusted dealer HOST:PORT (with --triples dealer)."),
@@ -143,8 +156,12 @@ def train(
     min_child_weight: float = typer.Option(1.0, "--min-child-weight"),
     subsample: float = typer.Option(1.0, "--subsample"),
     colsample_bytree: float = typer.Option(1.0, "--colsample-bytree"),
-    objective: str = typer.Option("binary:logistic", "--objective", help="binary:logistic or reg:squarederror."),
-    valid: Path = typer.Option(None, "--valid", help="Validation file (same columns) for the summary metric."),
+    objective: str = typer.Option(
+        "binary:logistic", "--objective", help="binary:logistic or reg:squarederror."
+    ),
+    valid: Path = typer.Option(
+        None, "--valid", help="Validation file (same columns) for the summary metric."
+    ),
     early_stopping_rounds: int = typer.Option(None, "--early-stopping-rounds", help="Needs --valid."),
     out: Path = typer.Option(..., "--out", help="Where to write this party's model file."),
     summary_json: Path = typer.Option(None, "--summary-json", help="Also write the summary as JSON."),
@@ -170,32 +187,57 @@ def _train(**kw: Any) -> None:
     if kw["early_stopping_rounds"] is not None and kw["valid"] is None:
         raise BoostConfigError("--early-stopping-rounds needs --valid")
     active = role == "active"
-    x, y, ids, names = load_table(kw["data"], kw["id_column"], kw["label_column"] if active else None,
-                                  need_label=active)
+    x, y, ids, names = load_table(
+        kw["data"], kw["id_column"], kw["label_column"] if active else None, need_label=active
+    )
     vdata = None
     if kw["valid"] is not None:
-        vdata = load_table(kw["valid"], kw["id_column"], kw["label_column"] if active else None, need_label=active)
+        vdata = load_table(
+            kw["valid"], kw["id_column"], kw["label_column"] if active else None, need_label=active
+        )
     ch = open_channel(kw["peer"], kw["listen"], kw["identity"], kw["peer_fingerprint"], kw["timeout"])
     try:
         party = 0 if active else 1
-        src = open_triples(kw["triples"], ch, party, kw["dealer"], kw["dealer_fingerprint"], kw["identity"],
-                           kw["timeout"])
+        src = open_triples(
+            kw["triples"], ch, party, kw["dealer"], kw["dealer_fingerprint"], kw["identity"], kw["timeout"]
+        )
         cls = SecureXGBClassifier if kw["objective"] == "binary:logistic" else SecureXGBRegressor
-        with Progress(TextColumn("[bold]secure XGBoost[/] {task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total} trees"), TimeElapsedColumn(),
-                      console=console) as prog:
-            task = prog.add_task(f"({role}, {kw['algorithm']}, triples={src.trust})", total=kw["n_estimators"])
+        with Progress(
+            TextColumn("[bold]secure XGBoost[/] {task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} trees"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as prog:
+            task = prog.add_task(
+                f"({role}, {kw['algorithm']}, triples={src.trust})", total=kw["n_estimators"]
+            )
             est = cls(
-                role, ch, triples=src, algorithm=kw["algorithm"], n_estimators=kw["n_estimators"],
-                max_depth=kw["max_depth"], learning_rate=kw["learning_rate"], max_bin=kw["max_bin"],
-                reg_lambda=kw["reg_lambda"], gamma=kw["gamma"], min_child_weight=kw["min_child_weight"],
-                subsample=kw["subsample"], colsample_bytree=kw["colsample_bytree"],
+                role,
+                ch,
+                triples=src,
+                algorithm=kw["algorithm"],
+                n_estimators=kw["n_estimators"],
+                max_depth=kw["max_depth"],
+                learning_rate=kw["learning_rate"],
+                max_bin=kw["max_bin"],
+                reg_lambda=kw["reg_lambda"],
+                gamma=kw["gamma"],
+                min_child_weight=kw["min_child_weight"],
+                subsample=kw["subsample"],
+                colsample_bytree=kw["colsample_bytree"],
                 early_stopping_rounds=kw["early_stopping_rounds"],
                 progress=lambda done, total: prog.update(task, completed=done),
             )
             eval_set = (vdata[0], vdata[1]) if vdata is not None and kw["early_stopping_rounds"] else None
-            est.fit(x, y, ids=ids, eval_set=eval_set, eval_ids=vdata[2] if eval_set and vdata else None,
-                    feature_names=names)
+            est.fit(
+                x,
+                y,
+                ids=ids,
+                eval_set=eval_set,
+                eval_ids=vdata[2] if eval_set and vdata else None,
+                feature_names=names,
+            )
         res = est.result_
         if res is None:
             raise BoostConfigError("training produced no result")
@@ -215,9 +257,15 @@ def _train(**kw: Any) -> None:
             log.info("validation prediction took %.1f s", time.perf_counter() - t0)
         est.save_model(kw["out"])
         summary = {
-            "role": role, "algorithm": kw["algorithm"], "triples": src.trust, "trees": len(res.model.trees),
-            "seconds": round(res.seconds, 2), "bytes_sent": res.bytes_sent, "rounds": res.rounds,
-            "he_ops": res.he_ops, "time_split": {k: round(v, 2) for k, v in res.time_split.items()},
+            "role": role,
+            "algorithm": kw["algorithm"],
+            "triples": src.trust,
+            "trees": len(res.model.trees),
+            "seconds": round(res.seconds, 2),
+            "bytes_sent": res.bytes_sent,
+            "rounds": res.rounds,
+            "he_ops": res.he_ops,
+            "time_split": {k: round(v, 2) for k, v in res.time_split.items()},
             "model": str(kw["out"]),
         }
         if metric is not None:
@@ -228,8 +276,13 @@ def _train(**kw: Any) -> None:
         table.add_column("bytes sent", justify="right")
         table.add_column("rounds", justify="right")
         table.add_column(metric_name or "validation", justify="right")
-        table.add_row(str(summary["trees"]), f"{res.seconds:.1f}", f"{res.bytes_sent:,}", str(res.rounds),
-                      "-" if metric is None else f"{metric:.4f}")
+        table.add_row(
+            str(summary["trees"]),
+            f"{res.seconds:.1f}",
+            f"{res.bytes_sent:,}",
+            str(res.rounds),
+            "-" if metric is None else f"{metric:.4f}",
+        )
         Console().print(table)
         if kw["summary_json"] is not None:
             Path(kw["summary_json"]).write_text(json.dumps(summary, indent=1))
@@ -253,7 +306,7 @@ def _metric(objective: str, y: np.ndarray, margin: np.ndarray) -> tuple[str, flo
 def _abort(ch: Any, exc: BaseException) -> None:
     try:
         ch.abort(f"{type(exc).__name__}: {exc}")
-    except Exception as err:  # noqa: BLE001 - best effort
+    except Exception as err:
         log.debug("abort failed: %s", err)
 
 
@@ -288,8 +341,9 @@ def _predict(**kw: Any) -> None:
     x, _, ids, _ = load_table(kw["data"], kw["id_column"], None, need_label=False)
     ch = open_channel(kw["peer"], kw["listen"], kw["identity"], kw["peer_fingerprint"], kw["timeout"])
     try:
-        src = open_triples(kw["triples"], ch, pm.party, kw["dealer"], kw["dealer_fingerprint"], kw["identity"],
-                           kw["timeout"])
+        src = open_triples(
+            kw["triples"], ch, pm.party, kw["dealer"], kw["dealer_fingerprint"], kw["identity"], kw["timeout"]
+        )
         if ids is not None:
             from veil.boost.api import align_rows
 
@@ -318,8 +372,12 @@ def _predict(**kw: Any) -> None:
 
 @app.command("dealer")
 def dealer_cmd(
-    listen_active: str = typer.Option(..., "--listen-active", help="HOST:PORT where the active party connects."),
-    listen_passive: str = typer.Option(..., "--listen-passive", help="HOST:PORT where the passive party connects."),
+    listen_active: str = typer.Option(
+        ..., "--listen-active", help="HOST:PORT where the active party connects."
+    ),
+    listen_passive: str = typer.Option(
+        ..., "--listen-passive", help="HOST:PORT where the passive party connects."
+    ),
     identity: Path = typer.Option(..., "--identity", help="The dealer's identity dir."),
     active_fingerprint: str = typer.Option(..., "--active-fingerprint"),
     passive_fingerprint: str = typer.Option(..., "--passive-fingerprint"),
@@ -337,7 +395,9 @@ def _dealer(**kw: Any) -> None:
     ident = PartyIdentity.load(kw["identity"])
     la = GrpcListener(kw["listen_active"], ident, kw["active_fingerprint"], timeout=kw["timeout"])
     lp = GrpcListener(kw["listen_passive"], ident, kw["passive_fingerprint"], timeout=kw["timeout"])
-    typer.echo("trusted dealer: waiting for both parties (weaker trust: must not collude with either)", err=True)
+    typer.echo(
+        "trusted dealer: waiting for both parties (weaker trust: must not collude with either)", err=True
+    )
     ca = la.accept(kw["timeout"])
     cp = lp.accept(kw["timeout"])
     served = run_dealer(ca, cp, timeout=kw["timeout"])
