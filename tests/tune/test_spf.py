@@ -125,3 +125,46 @@ def test_gradient_scored_selection_needs_calibration() -> None:
     assert ad.selected != l1.selected  # a different rule gives a different selection
     with pytest.raises(ConfigError):
         SPFLoRAAdapter(server_part(parties.tiny_model("llama"), 1), ratio=0.0)
+
+
+def test_spf_over_the_protocol_with_gradient_calibration_in_the_enclave(run_parties: Any) -> None:
+    from veil.tune.enclave_server import build_tune_enclave, serve_host
+
+    opts = {"r": 4, "alpha": 8, "ratio": 0.2, "score": "grad"}
+    holder: dict[str, Any] = {}
+
+    def server(ch: Any) -> int:
+        with parties._RNG_LOCK:
+            tee = build_tune_enclave(parties.tiny_model("llama"), cut_layer=1, adapter="spf", model_id="tiny-llama",
+                                     lr=parties.LR, adapter_options=opts)
+        holder["tee"] = tee
+        return serve_host(ch, tee)
+
+    def client(ch: Any) -> list[float]:
+        from veil.tee import Policy, Verifier
+        from veil.tune.client import TuneClient, train_split
+        from veil.tune.enclave_server import expected_measurement
+
+        meas = expected_measurement(model_id="tiny-llama", cut_layer=1, adapter="spf", lr=parties.LR,
+                                    adapter_options=opts)
+        c = TuneClient(ch, client_part(parties.tiny_model("llama"), 1),
+                       Verifier(Policy(allowed_measurements={meas}, allow_simulated=True,
+                                       trust_any_simulated_platform=True)))
+        c.connect()
+        h = train_split(c.train_micro, parties.tiny_examples(), pad_id=0, batch_size=12, max_steps=4, epochs=4)
+        c.finish(checkpoint=False)
+        return h.losses
+
+    step, losses = run_parties(server, client, transport="memory", timeout=120)
+    tee = holder["tee"]
+    assert step == 4 and losses[-1] < losses[0]
+    assert len(tee.adapter.selected["ffn"]) == round(0.2 * len(tee.adapter.units["ffn"]))
+    assert any(float(p.abs().max()) > 0 for n, p in tee.adapter._deltas.items())
+    # the sealed state carries the sparse selection and restores into a fresh enclave
+    blob = tee.sealed_state()
+    with parties._RNG_LOCK:
+        fresh = build_tune_enclave(parties.tiny_model("llama"), cut_layer=1, adapter="spf", model_id="tiny-llama",
+                                   lr=parties.LR, adapter_options=opts)
+    assert fresh.restore(blob) == 4
+    for k, v in tee.adapter.adapter_state().items():
+        assert torch.equal(v, fresh.adapter.adapter_state()[k]), k

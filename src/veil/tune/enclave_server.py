@@ -103,7 +103,7 @@ class TuneEnclave:
         self.weight_decay = weight_decay
         self.checkpoint_every = checkpoint_every
         self.max_grad_norm = max_grad_norm
-        self.optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=lr, weight_decay=weight_decay)
+        self._optimizer: torch.optim.Optimizer | None = None
         self.step = 0
         self._micro = 0
         self._kx = EnclaveKeyExchange(enclave)
@@ -125,7 +125,22 @@ class TuneEnclave:
     def finish_key_exchange(self, client_public: bytes) -> None:
         self._session = self._kx.finish(client_public)
         self._micro = 0
-        self.optimizer.zero_grad(set_to_none=True)
+        if self._optimizer is not None:
+            self._optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the adapter's parameters (created on first use: an SPF adapter scored by
+        gradient magnitude selects its weights on the first training micro-batch)."""
+        if self._optimizer is None:
+            self._optimizer = torch.optim.AdamW(
+                self.adapter.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay
+            )
+        return self._optimizer
+
+    def _needs_calibration(self) -> bool:
+        ad = self.adapter
+        return bool(getattr(ad, "score", None) == "grad" and not getattr(ad, "_deltas", True))
 
     # ------------------------------------------------------------------ frames
     def handle(self, frame: bytes) -> HostAction:
@@ -182,7 +197,8 @@ class TuneEnclave:
         if self._micro:
             log.info("dropping %d accumulated micro-batch(es) of step %d", self._micro, self.step)
         self._micro = 0
-        self.optimizer.zero_grad(set_to_none=True)
+        if self._optimizer is not None:
+            self._optimizer.zero_grad(set_to_none=True)
 
     def _info(self, req: SessionInfoRequest) -> SessionInfo:
         if req.protocol_version != PROTOCOL_VERSION:
@@ -254,6 +270,10 @@ class TuneEnclave:
         h, mask, pos, labels = self._tensors(req.hidden, req.attention_mask, req.position_ids, req.labels)
         if not (labels[:, 1:] != IGNORE_INDEX).any():
             raise ProtocolError("micro-batch has no labelled tokens")
+        if self._needs_calibration():
+            calibrate: Any = getattr(self.adapter, "calibrate")  # noqa: B009
+            calibrate(h, mask, pos, labels)
+            log.info("SPF weights selected by gradient magnitude on the first micro-batch")
         self.part.train()
         loss = head_loss(self.adapter.final_hidden(h, mask, pos), self.part.lm_head, labels)
         (loss / req.n_micro).backward()
@@ -301,7 +321,7 @@ class TuneEnclave:
         tensors: dict[str, torch.Tensor] = {}
         for k, v in self.adapter.adapter_state().items():
             tensors[f"adapter/{k}"] = v.contiguous()
-        params = self.adapter.trainable_parameters()
+        params = self.adapter.trainable_parameters() if not self._needs_calibration() else []
         for i, p in enumerate(params):
             st = self.optimizer.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
@@ -348,10 +368,10 @@ class TuneEnclave:
         adapter_state = {k[len("adapter/") :]: v for k, v in tensors.items() if k.startswith("adapter/")}
         self.adapter.load_adapter_state(adapter_state)
         params = self.adapter.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        self._optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         for i, p in enumerate(params):
             if f"opt/{i}/exp_avg" in tensors:
-                self.optimizer.state[p] = {
+                self._optimizer.state[p] = {
                     "step": torch.tensor(float(tensors[f"opt/{i}/step"][0])),
                     "exp_avg": tensors[f"opt/{i}/exp_avg"].clone(),
                     "exp_avg_sq": tensors[f"opt/{i}/exp_avg_sq"].clone(),
