@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--eval", type=int, default=None, help="test examples for accuracy")
     p.add_argument("--timing-steps", type=int, default=None, help="steps of the unsplit timing baselines")
     p.add_argument("--cuts", default="2,10")
@@ -151,11 +151,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "tune.json")
     a = p.parse_args(argv)
-    a.steps = a.steps or (24 if a.quick else 150)
-    a.eval = a.eval or (60 if a.quick else 300)
-    a.timing_steps = a.timing_steps or (6 if a.quick else 20)
+    a.steps = a.steps or (16 if a.quick else 150)
+    a.eval = a.eval or (40 if a.quick else 300)
+    a.timing_steps = a.timing_steps or (4 if a.quick else 20)
+    a.max_length = a.max_length or (96 if a.quick else 128)
     cuts = [int(x) for x in a.cuts.split(",") if x]
     logging.basicConfig(level=logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     t_start = time.perf_counter()
 
     console.print("[bold]veil tune benchmark[/] — loading SmolLM2-135M-Instruct (GGUF, offline)…")
