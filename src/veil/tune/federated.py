@@ -66,7 +66,7 @@ from veil.tune.client import TuneClient
 from veil.tune.data import EncodedExample, batch_schedule, collate
 from veil.tune.enclave_server import HostAction, TuneEnclave
 from veil.tune.messages import Sealed
-from veil.tune.split import ClientPart, ServerPart, causal_lm_loss
+from veil.tune.split import ClientPart, ServerPart, head_loss
 
 __all__ = [
     "AttestedTuneClient",
@@ -258,7 +258,11 @@ class MultiClientTuneEnclave:
                 lr=self.lr,
                 weight_decay=self.weight_decay,
             )
-            v.optimizer = self.optimizer  # one optimizer for the shared adapter
+            # one optimizer for the shared adapter (TuneEnclave may expose it as a lazy property)
+            if isinstance(getattr(type(v), "optimizer", None), property):
+                v._optimizer = self.optimizer
+            else:
+                v.optimizer = self.optimizer
             self.views[client_id] = v
             self._grads[client_id] = [None] * len(self.adapter.trainable_parameters())
         return v
@@ -541,10 +545,10 @@ def serve_federated_host(
 class FederatedClientEnclave:
     """A client's own TEE in federated mode: frozen model + LoRA adapter + optimizer.
 
-    ``part`` is a :class:`ServerPart` cut at 0 (all layers) with the adapter on it, ``embed``
-    the matching :class:`ClientPart` cut at 0 (embeddings only). Both live in the enclave
-    object; with ``veil.tune.otp.offload_frozen_linears`` on ``part`` the frozen layers run
-    outside under one-time pads (adapters-only mode).
+    ``adapter.part`` is a :class:`ServerPart` cut at ``k`` with the adapter on it, ``embed``
+    the matching frozen :class:`ClientPart` cut at ``k`` (``k = 0``: embeddings only, LoRA on
+    every layer). Both live in the enclave object; with ``veil.tune.otp.offload_frozen_linears``
+    on both parts the frozen layers run outside under one-time pads (adapters-only mode).
     """
 
     def __init__(
@@ -556,8 +560,11 @@ class FederatedClientEnclave:
         lr: float = 1e-3,
         weight_decay: float = 0.0,
     ) -> None:
-        if embed.cut_layer != 0 or adapter.part.cut_layer != 0:
-            raise ConfigError("federated clients train the whole model: cut both parts at layer 0")
+        if embed.cut_layer != adapter.part.cut_layer:
+            raise ConfigError(
+                "the embedding/frozen part and the adapted part of a federated client must be cut at the "
+                f"same layer (got {embed.cut_layer} and {adapter.part.cut_layer})"
+            )
         self.enclave = enclave
         self.embed = embed
         self.adapter = adapter
@@ -581,8 +588,8 @@ class FederatedClientEnclave:
             b = collate([examples[i] for i in sched[s]], pad_id)
             with torch.no_grad():
                 act = self.embed(torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask))
-            logits = self.adapter.logits(act.hidden_states, act.attention_mask, act.position_ids)
-            loss = causal_lm_loss(logits, torch.from_numpy(b.labels))
+            fh = self.adapter.final_hidden(act.hidden_states, act.attention_mask, act.position_ids)
+            loss = head_loss(fh, self.adapter.part.lm_head, torch.from_numpy(b.labels))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
