@@ -262,7 +262,7 @@ class MultiClientTuneEnclave:
             if isinstance(getattr(type(v), "optimizer", None), property):
                 v._optimizer = self.optimizer
             else:
-                v.optimizer = self.optimizer
+                setattr(v, "optimizer", self.optimizer)  # noqa: B010 - older TuneEnclave: plain attribute
             self.views[client_id] = v
             self._grads[client_id] = [None] * len(self.adapter.trainable_parameters())
         return v
