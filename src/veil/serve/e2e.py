@@ -49,22 +49,22 @@ E2E_CONTENT_TYPE = "application/x-veil-e2e"
 _LABEL = b"veil-serve-e2e-v1"
 
 
-class E2ERequest(Message, frozen=True, tag=True):
+class E2ERequest(Message, frozen=True, tag=True, forbid_unknown_fields=True):
     client_public: bytes
     salt: bytes  # 16 fresh random bytes per request
     model: str
     path: str  # "infer" or "completions"
     ciphertext: bytes  # AES-256-GCM of the inner body
-    header_length: int = -1  # of the inner (KServe v2 binary) body, -1 = plain JSON
+    header_length: int  # of the inner (KServe v2 binary) body, -1 = plain JSON
 
 
-class E2EResponse(Message, frozen=True, tag=True):
+class E2EResponse(Message, frozen=True, tag=True, forbid_unknown_fields=True):
     ciphertext: bytes
-    header_length: int = -1
-    status: int = 200
+    header_length: int
+    status: int
 
 
-class ServiceEvidence(Message, frozen=True, tag=True):
+class ServiceEvidence(Message, frozen=True, tag=True, forbid_unknown_fields=True):
     evidence: Evidence
     x25519_public: bytes
     tls_cert_pem: bytes
