@@ -190,6 +190,25 @@ def test_homomorphic_bits_via_he_option() -> None:
     np.testing.assert_array_equal((a0 ^ a1) & (b0 ^ b1), c0 ^ c1)
 
 
+def test_homomorphic_triples_all_correlations_via_ot() -> None:
+    kp = he.keygen(scheme="ou", key_bits=1024, backend="heu" if "heu" in he.available_backends() else None)
+
+    def role(p: int) -> Any:
+        def f(ch: Channel) -> dict[str, Any]:
+            src = HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, arith="ot", timeout=60)
+            out = exercise(src)
+            out["wide"] = src.matmul_triple(2, 3, 6)  # n > m: generated transposed
+            return out
+
+        return f
+
+    r0, r1 = run_parties(role(0), role(1), timeout=300)
+    check(r0, r1)
+    (p0, q0, s0), (p1, q1, s1) = r0["wide"], r1["wide"]
+    assert p0.shape == (2, 3) and q0.shape == (3, 6)
+    np.testing.assert_array_equal(ring_matmul(p0 + p1, q0 + q1), s0 + s1)
+
+
 def test_homomorphic_triples_arith_via_ot() -> None:
     kp = he.keygen(scheme="ou", key_bits=1024, backend="heu" if "heu" in he.available_backends() else None)
     rng = np.random.default_rng(12)

@@ -277,6 +277,10 @@ class HomomorphicTriples:
         return np.packbits(x), np.packbits(y), np.packbits(z)
 
     def matmul_triple(self, m: int, k: int, n: int) -> tuple[U64, U64, U64]:
+        if self.arith_via == "ot":
+            res: tuple[U64, U64, U64] = self._ot_engine().matmul_triple(m, k, n)
+            self.generated["matmul"] += m * n
+            return res
         a, b = random_u64((m, k)), random_u64((k, n))
         al, bl = a.ravel().tolist(), b.ravel().tolist()
         groups = [list(range(i * k, (i + 1) * k)) for i in range(m)]

@@ -279,3 +279,47 @@ class OTExtension:
         out[send] = np.uint64(0) - w0[:ns]
         out[recv] = wc[:nr] + choices[:nr].astype(np.uint64) * peer_d[:nr]
         return out.reshape(np.shape(mine))
+
+    def matmul_triple(self, m: int, k: int, n: int) -> tuple[U64, U64, U64]:
+        """A matrix Beaver triple ``(A (m,k), B (k,n), C = A @ B)`` by Gilboa with OTs: one OT
+        per bit of every entry of the right operand; the sender's correction is a whole column
+        of the left operand times ``2^t`` (ROT outputs expanded by AES-CTR). ``64 k n`` OTs and
+        ``512 m k n`` bytes per direction; for ``n > m`` the transpose is generated instead."""
+        if n > m:
+            bt, at, ct = self.matmul_triple(n, k, m)  # (B^T, A^T, C^T)
+            return np.ascontiguousarray(at.T), np.ascontiguousarray(bt.T), np.ascontiguousarray(ct.T)
+        a = np.frombuffer(random_bytes(8 * m * k), dtype="<u8").astype(np.uint64).reshape(m, k)
+        b = np.frombuffer(random_bytes(8 * k * n), dtype="<u8").astype(np.uint64).reshape(k, n)
+        if m * k * n == 0:
+            return a, b, np.zeros((m, n), dtype=np.uint64)
+        shifts = np.arange(64, dtype=np.uint64)
+        # OT index (l, j, t) -> choice bit t of my B[l, j]
+        bits = ((b[:, :, None] >> shifts[None, None, :]) & np.uint64(1)).astype(np.uint8).ravel()
+        total = bits.size
+        padded = ((total + 7) // 8) * 8
+        choices = np.zeros(padded, dtype=np.uint8)
+        choices[:total] = bits
+        m0, m1, mc = self.random_ots(padded, choices)
+        nonce = self._nonce
+        self._nonce += 1
+
+        def expand(rows: U8) -> U64:
+            out = np.empty((total, m), dtype=np.uint64)
+            for o in range(total):
+                key = rows[o].tobytes() * 2
+                out[o] = _prg(key, nonce, 8 * m).view("<u8")
+            return out
+
+        e0, e1, ec = expand(m0), expand(m1), expand(mc)
+        # correction: E0 - E1 + A[:, l] * 2^t, for OT (l, j, t)
+        col = np.repeat(np.repeat(a.T, n, axis=0), 64, axis=0)  # (k*n*64, m): A[:, l] for (l, j, t)
+        tt = np.tile(shifts, k * n)[:, None]
+        d = e0 - e1 + (col << tt)
+        (peer_d,) = self._exchange([d])
+        recv = ec + bits[:, None].astype(np.uint64) * peer_d  # (k*n*64, m)
+        send_share = -(e0.reshape(k, n, 64, m).sum(axis=(0, 2), dtype=np.uint64))  # (n, m)
+        recv_share = recv.reshape(k, n, 64, m).sum(axis=(0, 2), dtype=np.uint64)
+        from veil.crypto.mpc_ring import ring_matmul
+
+        c = ring_matmul(a, b) + (send_share + recv_share).T
+        return a, b, np.ascontiguousarray(c)
