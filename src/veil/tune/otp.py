@@ -292,15 +292,19 @@ class OffloadEngine:
         self.host = host
         self.stats = stats
 
-    def precompute(self, rows: int, *, backward: bool = True) -> float:
+    def precompute(self, rows: int, *, backward: bool = True, skip: tuple[str, ...] = ()) -> float:
         """Make pads + images for the next ``rows`` token rows of every layer (offline phase).
 
-        Returns the seconds it took (also added to ``stats.precompute_s``).
+        Layers whose name contains one of ``skip`` are left out (e.g. ``lm_head``, which the
+        loss evaluates on a few labelled rows only: its pads are made on demand). Returns the
+        seconds it took (also added to ``stats.precompute_s``).
         """
         if rows <= 0:
             raise ConfigError("rows must be positive")
         t0 = time.perf_counter()
-        for layer in self.layers.values():
+        for name, layer in self.layers.items():
+            if any(s in name for s in skip):
+                continue
             layer.pool.precompute(rows, backward)
         dt = time.perf_counter() - t0
         self.stats.precompute_s += dt
