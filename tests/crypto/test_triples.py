@@ -104,9 +104,11 @@ def kp(request: Any) -> he.HEKeyPair:
 
 
 def test_homomorphic_triples_correlations(kp: he.HEKeyPair) -> None:
+    """The OU/Paillier (Gilboa) path for every arithmetic correlation, on both HE backends."""
+
     def role(p: int) -> Any:
         def f(ch: Channel) -> dict[str, Any]:
-            src = HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, timeout=60)
+            src = HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, timeout=60, arith="he")
             assert src.trust == "homomorphic"
             return exercise(src)
 

@@ -59,6 +59,11 @@ class HomomorphicTriples:
     ``HomomorphicTriples(channel, party, scheme="ou", key_bits=2048, backend=None)``; party 0
     generates the key pair (or pass ``keypair``) and sends the public key. ``channel`` may be the
     MPC channel itself (calls happen in the same order on both sides) or a dedicated one.
+
+    ``arith``: ``"ot"`` (default) makes Beaver and matrix triples by Gilboa multiplication over
+    OT extension — measured 10x (elementwise) to 30x (matrix) faster than ``"he"``, Gilboa with
+    the OU/Paillier key. ``bits``: ``"ot"`` (default, IKNP) or ``"he"`` (one ciphertext per bit).
+    Both are dealer-free and semi-honest; the masked-matrix correlation always uses HE.
     """
 
     trust = "homomorphic"
@@ -74,7 +79,7 @@ class HomomorphicTriples:
         keypair: HEKeyPair | None = None,
         timeout: float | None = None,
         bits: str = "ot",
-        arith: str = "he",
+        arith: str = "ot",
     ) -> None:
         if party not in (0, 1):
             raise ConfigError(f"party must be 0 or 1, got {party!r}")
