@@ -281,6 +281,29 @@ def test_kms_restart_workers_reattest_keys_still_there(cluster: LocalCluster) ->
     assert r.status_code == 200
 
 
+def test_add_and_drain_a_replica_at_run_time(cluster: LocalCluster) -> None:
+    assert (
+        httpx.post(cluster.gateway_url + "/veil/v1/replicas", json={"url": "http://127.0.0.1:1"}).status_code
+        == 403
+    )
+    rid = cluster.add_worker(host="sim-host-1")
+    reps = {r["id"]: r for r in httpx.get(cluster.gateway_url + "/veil/v1/replicas").json()}
+    assert reps[rid]["healthy"] and reps[rid]["host"] == "sim-host-1" and reps[rid]["models"] == ["tiny"]
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+    served_by = {
+        httpx.post(cluster.gateway_url + "/v2/models/tiny/infer", json=body).headers["x-veil-replica"]
+        for _ in range(8)
+    }
+    assert rid in served_by
+    cluster.remove_worker(rid)
+    assert rid not in {r["id"] for r in httpx.get(cluster.gateway_url + "/veil/v1/replicas").json()}
+    for _ in range(4):
+        r = httpx.post(cluster.gateway_url + "/v2/models/tiny/infer", json=body)
+        assert r.status_code == 200 and r.headers["x-veil-replica"] != rid
+    added = [p for p in cluster.worker_procs() if p.url.endswith(rid)]
+    assert added and added[0].popen is not None and added[0].popen.poll() is not None
+
+
 def test_kill_worker_under_load_every_request_answered_once(cluster: LocalCluster) -> None:
     n_threads, per_thread = 4, 20
     results: dict[str, tuple[int, str]] = {}

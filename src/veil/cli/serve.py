@@ -44,6 +44,17 @@ def _logging(verbose: bool = False) -> None:
     )
 
 
+def _read_token(path: Path | None) -> str | None:
+    from veil.errors import ConfigError
+
+    if path is None:
+        return None
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+
+
 @app.command("package")
 @_cli
 def package(
@@ -199,6 +210,9 @@ def gateway(
     poll_s: float = typer.Option(0.5, help="Replica status poll interval."),
     capture_file: Path | None = typer.Option(None, help="DEBUG: record every request body the gateway sees."),
     worker_ca: Path | None = typer.Option(None, help="HTTPS to workers, pinning this service certificate."),
+    admin_token_file: Path | None = typer.Option(
+        None, help="Token enabling POST/DELETE /veil/v1/replicas (add / drain replicas at run time)."
+    ),
     verbose: bool = typer.Option(False, "-v"),
 ) -> None:
     """Run the KServe v2 gateway in front of the workers."""
@@ -216,6 +230,7 @@ def gateway(
             poll_s=poll_s,
             capture_file=capture_file,
             worker_ca=worker_ca,
+            admin_token=_read_token(admin_token_file),
         )
     )
 

@@ -75,14 +75,22 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
     verify: Any = True
+    _added: int = 0
+    _service_cert: Path | None = None
     kms_url: str = ""
     gateway_url: str = ""
 
-    def _spawn(self, p: Proc) -> None:
+    def _spawn(self, p: Proc, env: dict[str, str] | None = None) -> None:
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         p.log_path = logs / f"{p.name}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            **self.env,
+            **(env or {}),
+        }
         with p.log_path.open("ab") as fh:
             p.popen = subprocess.Popen(
                 p.argv,
@@ -209,8 +217,10 @@ class LocalCluster:
             ]
             for u in wurls:
                 gargv += ["--worker", u]
+            gargv += ["--admin-token-file", str(token_path)]
             if service_cert is not None:
                 gargv += ["--worker-ca", str(service_cert)]
+            self._service_cert = service_cert
             if self.capture_file is not None:
                 gargv += ["--capture-file", str(self.capture_file)]
             for p in [p for p in self.procs if p.name.startswith("worker")]:
@@ -230,6 +240,75 @@ class LocalCluster:
                 if kf.key_id not in known:
                     kms.import_key(kf.model, kf.key_id, bytes.fromhex(kf.key), kf.signer)
                     log.info("registered key %s for %s with the KMS", kf.key_id[:8], kf.model)
+
+    def _worker_argv(self, package: Path, port: int, worker_id: str) -> list[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "veil.serve",
+            "worker",
+            "--package",
+            str(package),
+            "--kms",
+            self.kms_url,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tee",
+            self.tee,
+            "--worker-id",
+            worker_id,
+            "--reattest-s",
+            str(self.reattest_s),
+        ]
+        if self.worker_tls:
+            argv.append("--tls")
+        return argv
+
+    def add_worker(self, host: str = "local", package: Path | None = None, timeout: float = 120.0) -> str:
+        """Start one more worker (simulated EPC host ``host``), wait until ready, add it to the gateway.
+
+        Returns the replica id the gateway uses (``127.0.0.1:PORT``).
+        """
+        if not self.gateway_url:
+            raise ServeError("cluster not started")
+        pkg = Path(package or self.packages[0])
+        port = free_port()
+        scheme = "https" if self.worker_tls else "http"
+        url = f"{scheme}://127.0.0.1:{port}"
+        self._added += 1
+        p = Proc(
+            f"worker-added{self._added}-{host}", self._worker_argv(pkg, port, f"add{self._added}-{host}"), url
+        )
+        self._spawn(p, env={"VEIL_SIM_HOST": host})
+        self._wait_http(p, "/v2/health/ready", timeout)
+        r = httpx.post(
+            self.gateway_url + "/veil/v1/replicas",
+            json={"url": url, "host": host},
+            headers={"authorization": f"Bearer {self.admin_token}"},
+            timeout=10,
+        )
+        if r.status_code != 200:
+            raise ServeError(f"gateway refused the new replica: {r.status_code} {r.text[:200]}")
+        rid: str = r.json()["id"]
+        return rid
+
+    def remove_worker(self, rid: str, timeout: float = 60.0) -> None:
+        """Drain replica ``rid`` at the gateway (no new requests, in-flight ones finish), then stop it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = httpx.delete(
+                self.gateway_url + f"/veil/v1/replicas/{rid}",
+                headers={"authorization": f"Bearer {self.admin_token}"},
+                timeout=10,
+            )
+            if r.status_code != 200:
+                raise ServeError(f"gateway refused to drain {rid}: {r.status_code} {r.text[:200]}")
+            if r.json()["removed"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for p in self.worker_procs():
+            if p.url.split("//", 1)[-1] == rid:
+                self._terminate(p)
 
     def worker_procs(self) -> list[Proc]:
         return [p for p in self.procs if p.name.startswith("worker")]

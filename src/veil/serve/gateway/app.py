@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import re
 import ssl
@@ -55,6 +57,8 @@ class GatewayConfig(BaseModel):
     request_timeout_s: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=4, ge=1, le=32)
     dedup_entries: int = Field(default=4096, ge=0)
+    admin_token: str | None = Field(default=None, min_length=16)
+    """Enables POST/DELETE /veil/v1/replicas (add / drain replicas at run time) for this bearer token."""
     worker_ca: Path | None = None
     """Talk HTTPS to workers and pin this certificate (the shared service identity's)."""
     capture_file: Path | None = None
@@ -74,6 +78,12 @@ def pinned_context(cert: Path) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the worker certificate {cert}: {exc}") from None
     return ctx
+
+
+class ReplicaIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(pattern=r"^https?://[A-Za-z0-9.\-\[\]:]+$", max_length=256)
+    host: str = Field(default="local", pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class Gateway:
@@ -148,6 +158,7 @@ class Gateway:
             r.tee = str(doc.get("tee", ""))
             r.epc_pressure = float(doc.get("epc_pressure", 0.0) or 0.0)
             r.service_time_s = float(doc.get("service_time_s", 0.0) or 0.0)
+            r.host = str(doc.get("host") or r.host)
         else:
             if r.healthy:
                 log.warning("replica %s is not ready / unreachable", r.id)
@@ -209,6 +220,15 @@ class Gateway:
             out_h["x-veil-replica"] = r.id
             out_h["x-request-id"] = request_id
             return status, out_h, data
+        # hardening (issue 9): a model that no replica serves is "not found" (404), not "unavailable"
+        reps = list(self.router.replicas.values())
+        if model and not tried and reps and all(r.models for r in reps):
+            if not any(model in r.models for r in reps):
+                return (
+                    404,
+                    {"content-type": "application/json"},
+                    msgspec.json.encode({"error": f"model {model[:128]!r} not found"}),
+                )
         return (
             503,
             {"content-type": "application/json"},
@@ -331,6 +351,41 @@ def create_app(gw: Gateway) -> FastPost:
     async def attestation(request: Request) -> Response:
         return await gw.handle("POST", "/v2/veil/attestation", "", request)
 
+    def _admin(request: Request) -> None:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        tok = gw.cfg.admin_token
+        if tok is None or not hmac.compare_digest(
+            hashlib.sha256(given.encode()).digest(), hashlib.sha256(tok.encode()).digest()
+        ):
+            raise ServeError("gateway admin token missing or wrong (or replica admin disabled)")
+
+    @app.post("/veil/v1/replicas")
+    async def add_replica(body: ReplicaIn, request: Request) -> Response:
+        try:
+            _admin(request)
+        except ServeError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=403)
+        r = gw.router.add(body.url, host=body.host)
+        await gw._poll(r)
+        log.warning("replica %s added at run time (healthy=%s)", r.id, r.healthy)
+        return JSONResponse({"id": r.id, "healthy": r.healthy})
+
+    @app.delete("/veil/v1/replicas/{rid}")
+    async def drain_replica(rid: str, request: Request) -> Response:
+        """Drain: no new requests; removed once its in-flight requests are done (``removed: true``)."""
+        try:
+            _admin(request)
+        except ServeError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=403)
+        r = gw.router.replicas.get(rid)
+        if r is None:
+            return JSONResponse({"error": f"no replica {rid}"}, status_code=404)
+        r.draining = True
+        removed = r.outstanding == 0
+        if removed:
+            gw.router.remove(rid)
+        return JSONResponse({"id": rid, "draining": True, "outstanding": r.outstanding, "removed": removed})
+
     @app.get("/veil/v1/replicas")
     async def replicas() -> list[dict[str, Any]]:
         return [
@@ -343,6 +398,8 @@ def create_app(gw: Gateway) -> FastPost:
                 "models": sorted(r.models),
                 "ewma_latency_s": r.ewma_latency_s,
                 "epc_pressure": r.epc_pressure,
+                "host": r.host,
+                "draining": r.draining,
             }
             for r in gw.router.replicas.values()
         ]

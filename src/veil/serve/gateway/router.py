@@ -25,6 +25,7 @@ class ReplicaState:
     models: frozenset[str] = field(default_factory=frozenset)
     tee: str = ""
     failures: int = 0
+    draining: bool = False
 
     def snapshot(self) -> Replica:
         return Replica(
@@ -37,6 +38,7 @@ class ReplicaState:
             healthy=self.healthy,
             service_time_s=self.service_time_s,
             models=self.models,
+            draining=self.draining,
         )
 
     def observe_latency(self, seconds: float) -> None:
@@ -60,6 +62,9 @@ class Router:
         if st is None:
             st = self.replicas[rid] = ReplicaState(id=rid, url=url.rstrip("/"), host=host)
         return st
+
+    def remove(self, rid: str) -> None:
+        self.replicas.pop(rid, None)
 
     def choose(self, model: str, request_id: str, exclude: Sequence[str] = ()) -> ReplicaState:
         snaps = [r.snapshot() for r in self.replicas.values() if r.id not in exclude]

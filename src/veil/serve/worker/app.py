@@ -453,6 +453,7 @@ def create_app(worker: Worker) -> FastPost:
             "service_time_s": worker._ewma,
             "outstanding": worker.outstanding,
             "epc_pressure": worker.epc.paging_pressure() if worker.epc is not None else 0.0,
+            "host": str(getattr(worker.epc, "host", "") or os.environ.get("VEIL_SIM_HOST", "local")),
         }
 
     @app.get("/metrics")
