@@ -168,3 +168,24 @@ def test_ltz_every_bit_width(bits: int) -> None:
 
     r0, _ = run_mpc(prog, (s0,), (s1,))
     np.testing.assert_array_equal(r0, (raw < 0).astype(np.uint64))
+
+
+def test_out_of_step_or_malformed_frames_are_refused() -> None:
+    from veil.comm import MemoryChannel
+    from veil.crypto.mpc import MpcOpen
+    from veil.errors import ProtocolError
+
+    s0, _ = LocalDealer.pair()
+    a, b = MemoryChannel.pair(timeout=5)
+    mpc = MPC(a, 0, s0, FXP, timeout=5)
+    b.send(MpcOpen(7, [np.zeros(3, np.uint64)]))  # wrong step
+    with pytest.raises(ProtocolError, match="stage"):
+        mpc.exchange([np.zeros(3, np.uint64)])
+    mpc2 = MPC(a, 0, s0, FXP, timeout=5)
+    b.send(MpcOpen(0, [np.zeros(4, np.uint64)]))  # wrong shape
+    with pytest.raises(ProtocolError, match="does not match"):
+        mpc2.exchange([np.zeros(3, np.uint64)])
+    mpc3 = MPC(a, 0, s0, FXP, timeout=5)
+    b.send(MpcOpen(0, [np.zeros(2, np.uint64)]))
+    with pytest.raises(ProtocolError):
+        mpc3.share(None, owner=1, shape=(3,))
