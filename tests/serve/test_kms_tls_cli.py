@@ -16,11 +16,12 @@ from veil.cli.serve import app as serve_app
 from veil.serve.cluster.local import free_port
 from veil.serve.kms.client import KMSClient
 from veil.serve.kms.store import new_service_identity
+from veil.serve.package import decrypt_payload, read_package
 from veil.tee import SimulatedEnclave, platform_public_key
 
 
 @pytest.mark.slow
-def test_kms_over_https_releases_to_attested_worker(tmp_path: Path) -> None:
+def test_kms_over_https_releases_to_attested_worker(tmp_path: Path, onnx_model: Path) -> None:
     ident = new_service_identity(hosts=("127.0.0.1",))
     cert, key = tmp_path / "kms.pem", tmp_path / "kms.key"
     cert.write_bytes(ident.tls_cert_pem)
@@ -69,6 +70,36 @@ def test_kms_over_https_releases_to_attested_worker(tmp_path: Path) -> None:
             info, data_key = k.new_key("m", "ab" * 32)
             rel = k.attest_and_release(worker, [info.key_id], worker_id="tls-w")
             assert rel.keys[0].key == data_key
+        # `veil serve package --kms`: the KMS makes the next key version; nothing lands beside the package
+        pkg = tmp_path / "out" / "m.veil"
+        r = CliRunner().invoke(
+            serve_app,
+            [
+                "package",
+                str(onnx_model),
+                "--out",
+                str(pkg),
+                "--name",
+                "m",
+                "--kms",
+                url,
+                "--admin-token",
+                token,
+                "--kms-ca",
+                str(cert),
+                "--signing-key",
+                str(tmp_path / "sk"),
+            ],
+        )
+        assert r.exit_code == 0, r.output
+        assert sorted(p.name for p in pkg.parent.iterdir()) == ["m.veil"]
+        parsed = read_package(pkg)
+        with KMSClient(url, admin_token=token, ca=cert) as k:
+            versions = {i.key_id: i.version for i in k.list_keys("m")}
+            assert versions[parsed.manifest.key_id] == 2  # rotation: version 1 still there
+            rel = k.attest_and_release(worker, [parsed.manifest.key_id, info.key_id])
+        got = {x.key_id: x.key for x in rel.keys}
+        assert decrypt_payload(parsed, got[parsed.manifest.key_id]) == onnx_model.read_bytes()
         with pytest.raises(httpx.HTTPError):  # the certificate is not in the default trust store
             httpx.get(url + "/v1/health", timeout=5)
     finally:
