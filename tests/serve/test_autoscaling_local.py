@@ -80,14 +80,16 @@ def test_controller_scales_local_cluster_onto_free_epc(tmp_path: Path) -> None:
     SimulatedEpcHost(tmp_path, "h0", "cotenant", 80, epc_mb=100)  # h0 pages with one worker
     c = FakeCluster(tmp_path)
     first = c.add_worker("h0")
-    b = LocalClusterBackend(c, hosts={"h0": 100, "h1": 100}, epc_root=tmp_path, initial={first: "h0"})
+    b = LocalClusterBackend(
+        c, hosts={"h0": 100, "h1": 100}, epc_root=tmp_path, initial={first: "h0"}, enclave_mb=ENCLAVE
+    )
     t = [0.0]
 
     class Busy:
         def sample(self, now: float) -> Sample:
             return Sample(
                 now,
-                request_rate=40.0,
+                request_rate=60.0,
                 p99_latency_s=0.2,
                 concurrency=2.0,
                 service_time_s=0.02,
@@ -99,6 +101,10 @@ def test_controller_scales_local_cluster_onto_free_epc(tmp_path: Path) -> None:
     )
     t[0] = 1.0
     step = ctl.step()
+    assert step.applied and step.decision.placement == {"h0": 1, "h1": 1}  # at most 2x per step
+    t[0] = 2.0
+    assert ENCLAVE <= {h.name: h.used_mb for h in b.hosts()}["h1"] <= 2 * ENCLAVE  # starting worker counts
+    step = ctl.step()  # the pending add already counts: one more, not two
     assert step.applied and step.decision.placement == {"h0": 1, "h1": 2}
     b.wait(10)
     assert [x for x in c.calls if x[0] == "add"][1:] == [("add", "h1"), ("add", "h1")]

@@ -51,6 +51,7 @@ class LocalClusterBackend:
         hosts: Mapping[str, float],
         epc_root: Path | str,
         initial: Mapping[str, str] | None = None,
+        enclave_mb: float = 0.0,
         max_parallel: int = 4,
     ) -> None:
         if not hosts:
@@ -58,6 +59,7 @@ class LocalClusterBackend:
         self.cluster = cluster
         self.host_epc = {h: float(mb or DEFAULT_EPC_MB) for h, mb in hosts.items()}
         self.epc_root = Path(epc_root)
+        self.enclave_mb = enclave_mb
         self._lock = threading.Lock()
         self.live: dict[str, str] = dict(initial or {})  # replica id -> host
         self.adding: dict[int, str] = {}  # ticket -> host
@@ -134,11 +136,17 @@ class LocalClusterBackend:
             f.result(timeout=timeout)
 
     def hosts(self) -> list[HostInfo]:
+        """EPC per host from the registry, plus ``enclave_mb`` for each worker still starting
+        (it may not have registered its enclave yet; counting it twice for a moment is the
+        conservative error)."""
         cur = self.current()
+        with self._lock:
+            starting = list(self.adding.values())
         out = []
         for h, mb in self.host_epc.items():
             snap = read_host_registry(self.epc_root, h, mb)
-            out.append(HostInfo(h, mb, snap.used_mb, cur.get(h, 0)))
+            used = snap.used_mb + self.enclave_mb * starting.count(h)
+            out.append(HostInfo(h, mb, used, cur.get(h, 0)))
         return out
 
     def close(self) -> None:
