@@ -99,3 +99,15 @@ def test_hash_to_group_deterministic_and_distinct() -> None:
     assert hash_to_group("alice") == hash_to_group("alice")
     assert hash_to_group("alice") != hash_to_group("bob")
     assert len(hash_to_group("")) == 32
+
+
+@pytest.mark.slow
+def test_psi_threaded_path_large_sets() -> None:
+    ids_a = [f"row-{i}" for i in range(4200)]
+    ids_b = [f"row-{i}" for i in range(2100, 6300)]
+    pos_a, pos_b = run_parties(
+        lambda ch: psi_intersect(ch, ids_a, "active"), lambda ch: psi_intersect(ch, ids_b, "passive"),
+        timeout=600,
+    )
+    assert [ids_a[i] for i in pos_a] == [ids_b[i] for i in pos_b]
+    assert sorted(ids_a[i] for i in pos_a) == sorted(f"row-{i}" for i in range(2100, 4200))

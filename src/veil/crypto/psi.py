@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 from nacl import bindings as nb
@@ -40,6 +43,9 @@ log = logging.getLogger("veil.crypto")
 _DST = b"veil-psi-v1-edwards25519_XMD:SHA-512_ELL2_RO_"
 _POINT = 32
 _MAX_IDS = 50_000_000
+_WORKERS = max(1, min(8, os.cpu_count() or 1))
+_PAR_MIN = 2000  # ids per thread below which threads are not worth it
+T = TypeVar("T")
 
 
 class PsiPoints(Message, frozen=True):
@@ -64,7 +70,7 @@ def _scalar() -> bytes:
             return bytes(k)
 
 
-def _exp(points: Sequence[bytes], k: bytes) -> list[bytes]:
+def _exp_chunk(points: Sequence[bytes], k: bytes) -> list[bytes]:
     out = []
     for p in points:
         try:
@@ -72,6 +78,26 @@ def _exp(points: Sequence[bytes], k: bytes) -> list[bytes]:
         except (NaclRuntimeError, ValueError, TypeError) as exc:
             raise ProtocolError(f"PSI: peer sent an invalid group element ({exc})") from exc
     return out
+
+
+def _parallel(fn: Callable[[Sequence[T]], list[bytes]], items: Sequence[T]) -> list[bytes]:
+    """Run ``fn`` over chunks of ``items`` in threads (libsodium calls release the GIL)."""
+    workers = min(_WORKERS, max(1, len(items) // _PAR_MIN))
+    if workers <= 1:
+        return fn(items)
+    size = -(-len(items) // workers)
+    chunks = [items[i:i + size] for i in range(0, len(items), size)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        parts = list(pool.map(fn, chunks))
+    return [x for part in parts for x in part]
+
+
+def _exp(points: Sequence[bytes], k: bytes) -> list[bytes]:
+    return _parallel(lambda chunk: _exp_chunk(chunk, k), points)
+
+
+def _hash_all(ids: Sequence[str]) -> list[bytes]:
+    return _parallel(lambda chunk: [hash_to_group(x) for x in chunk], ids)
 
 
 def _shuffle(n: int) -> list[int]:
@@ -114,7 +140,7 @@ def psi_intersect(
     if len(idl) > _MAX_IDS:
         raise InputError(f"PSI: more than {_MAX_IDS} ids")
     k = _scalar()
-    mine = _exp([hash_to_group(x) for x in idl], k)
+    mine = _exp(_hash_all(idl), k)
     perm = _shuffle(len(mine))
     channel.send(PsiPoints(0, _to_array([mine[i] for i in perm])))
     peer_msg = channel.recv(PsiPoints, timeout=timeout)
