@@ -300,3 +300,17 @@ def test_autoscaler_entry_point_errors(capsys: pytest.CaptureFixture[str]) -> No
         ]
     )
     assert rc == 2 and "--interval must be > 0" in capsys.readouterr().err
+
+
+def test_placement_without_known_nodes_does_not_touch_affinity(cluster: MockCluster) -> None:
+    from veil.serve.autoscaling import ANY_HOST, MetricsWindow, ScalerState
+
+    pol = SloAutoscaler(SloConfig(max_replicas=8))
+    samples = [Sample(float(t), 80.0, 0.3, 4, 0.05, ready_replicas=2) for t in range(1, 5)]
+    d = pol.decide(MetricsWindow(samples, []), ScalerState(2), 4.0)
+    assert d.placement == {ANY_HOST: 4}
+    n_before = len(cluster.requests())
+    backend(cluster).apply(d.replicas, d.placement)
+    patches = [r for r in cluster.requests()[n_before:] if str(r.method).upper().endswith("PATCH")]
+    assert [p.data for p in patches] == [{"spec": {"replicas": 4}}]
+    assert "affinity" not in cluster.deployment()["spec"]["template"]["spec"]

@@ -47,6 +47,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 from veil.errors import ConfigError, InputError
 
 __all__ = [
+    "ANY_HOST",
     "AUTOSCALERS",
     "Autoscaler",
     "ConcurrencyAutoscaler",
@@ -62,6 +63,10 @@ __all__ = [
     "get_autoscaler",
     "place",
 ]
+
+
+ANY_HOST = "*"
+"""Placement key used when no hosts are known: "anywhere" (backends do not pin it to a node)."""
 
 
 @dataclass(frozen=True)
@@ -444,7 +449,7 @@ class SloAutoscaler:
         self, window: MetricsWindow, cur_pl: Mapping[str, int], target: int
     ) -> tuple[dict[str, int], str]:
         if not window.hosts:
-            return ({"default": target}, "") if target else ({}, "")
+            return ({ANY_HOST: target}, "") if target else ({}, "")
         return place(
             window.hosts,
             cur_pl,
@@ -546,7 +551,7 @@ class ConcurrencyAutoscaler:
 
     def _fit(self, window: MetricsWindow, cur_pl: Mapping[str, int], target: int) -> dict[str, int]:
         if not window.hosts:
-            return {"default": target} if target else {}
+            return {ANY_HOST: target} if target else {}
         return place(window.hosts, cur_pl, target, enclave_mb=self.config.request_mb, epc_aware=False)[0]
 
 

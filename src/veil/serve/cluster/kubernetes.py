@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from veil.errors import ConfigError
-from veil.serve.autoscaling import HostInfo
+from veil.serve.autoscaling import ANY_HOST, HostInfo
 from veil.serve.autoscaling.controller import ScalingError
 
 __all__ = ["KubernetesBackend"]
@@ -155,8 +155,13 @@ class KubernetesBackend:
             left -= take
         return out
 
+    @staticmethod
+    def _pinnable(host: str, n: int) -> bool:
+        """A real node name with replicas (not "anywhere" or the "(unscheduled)" bucket)."""
+        return n > 0 and host != ANY_HOST and not host.startswith("(")
+
     def _affinity(self, placement: Mapping[str, int]) -> dict[str, Any]:
-        wanted = {h: n for h, n in placement.items() if n > 0 and not h.startswith("(")}
+        wanted = {h: n for h, n in placement.items() if self._pinnable(h, n)}
         top = max(wanted.values(), default=1)
         terms = [
             {
@@ -188,7 +193,7 @@ class KubernetesBackend:
         patch: dict[str, Any] = {"spec": {"replicas": int(replicas)}}
         if self.manage_affinity:
             dep = self._read()
-            wanted = {h for h, n in placement.items() if n > 0 and not h.startswith("(")}
+            wanted = {h for h, n in placement.items() if self._pinnable(h, n)}
             if wanted and wanted != self._affinity_hosts(dep):
                 patch["spec"]["template"] = {"spec": {"affinity": self._affinity(placement)}}
         try:
