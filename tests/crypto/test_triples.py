@@ -14,7 +14,7 @@ from veil.crypto import he
 from veil.crypto.encoding import FixedPoint
 from veil.crypto.mpc import MPC, OneHotMatrix
 from veil.crypto.mpc_ring import ring_matmul
-from veil.crypto.sharing import share_floats
+from veil.crypto.sharing import AShare, share, share_floats
 from veil.crypto.triples import DealerSeed, LocalDealer, TrustedDealer, run_dealer
 from veil.crypto.triples_he import HomomorphicTriples
 from veil.testing import run_parties
@@ -247,3 +247,28 @@ def test_ot_bit_product() -> None:
 
     z0, z1 = run_parties(role(0), role(1), timeout=120)
     np.testing.assert_array_equal(z0 + z1, bits[0] * bits[1])
+
+
+def test_mul_bits_with_ot_and_dealer() -> None:
+    kp = he.keygen(scheme="ou", key_bits=1024, backend="heu" if "heu" in he.available_backends() else None)
+    rng = np.random.default_rng(14)
+    bits = rng.integers(0, 2, (5, 7)).astype(np.uint64)
+    x = rng.uniform(-1000, 1000, (5, 7))
+    b0, b1 = share(bits)
+    x0, x1 = share_floats(x, FXP)
+
+    def role(p: int, bs: Any, xs: Any, dealer: Any) -> Any:
+        def f(ch: Channel) -> Any:
+            src = dealer if dealer is not None else HomomorphicTriples(ch, p, keypair=kp if p == 0 else None)
+            mpc = MPC(ch, p, src, FXP, timeout=60)
+            (z,) = mpc.mul_bits([(AShare(bs, p, 0), xs)])
+            sel = mpc.select(AShare(bs, p, 0), xs, xs * 2)
+            return mpc.reveal_float(z), mpc.reveal_float(sel)
+
+        return f
+
+    d0, d1 = LocalDealer.pair()
+    for s0, s1 in ((None, None), (d0, d1)):
+        (z, sel), _ = run_parties(role(0, b0, x0, s0), role(1, b1, x1, s1), timeout=120)
+        np.testing.assert_allclose(z, bits * x, atol=1e-5)
+        np.testing.assert_allclose(sel, np.where(bits == 1, x, 2 * x), atol=1e-5)

@@ -308,6 +308,36 @@ class MPC:
                 out[i] = t
         return out
 
+    def mul_bits(self, pairs: Sequence[tuple[AShare, AShare]]) -> list[AShare]:
+        """Products ``bit * x`` where each ``bit`` is a shared 0/1 value (frac 0, e.g. from
+        :meth:`ltz`, or an indicator), all in one batch; results keep ``x``'s scale (no
+        truncation). With a triple source offering ``bit_mul`` (dealer-free OT) this costs one
+        OT per element and direction instead of a Beaver triple; otherwise it is :meth:`mul_many`.
+        The caller promises the bits are 0/1 (anything else gives a wrong result)."""
+        if not pairs:
+            return []
+        direct = getattr(self.triples, "bit_mul", None)
+        if direct is None:
+            return self.mul_many(pairs)
+        bs, xs, shapes = [], [], []
+        for b, x in pairs:
+            if not isinstance(b, AShare) or not isinstance(x, AShare):
+                raise InputError("mul_bits needs AShare operands")
+            if b.frac_bits != 0:
+                raise InputError("mul_bits: the bit operand must have frac_bits 0")
+            shp = np.broadcast_shapes(b.shape, x.shape)
+            bs.append(np.broadcast_to(b.values, shp).ravel())
+            xs.append(np.broadcast_to(x.values, shp).ravel())
+            shapes.append(shp)
+        z: U64 = direct(np.concatenate(bs), np.concatenate(xs))
+        self.counters["mul"] += int(z.size)
+        out, pos = [], 0
+        for (_, x), shp in zip(pairs, shapes, strict=True):
+            cnt = int(np.prod(shp, dtype=np.int64))
+            out.append(AShare(z[pos:pos + cnt].reshape(shp), self.party, x.frac_bits))
+            pos += cnt
+        return out
+
     def square(self, x: AShare) -> AShare:
         return self.mul(x, x)
 
@@ -477,10 +507,10 @@ class MPC:
 
     def select(self, bit: AShare, x: AShare, y: AShare) -> AShare:
         """``bit ? x : y`` for a shared 0/1 ``bit`` (frac 0), 1 round."""
-        return y + self.mul(bit, x - y)
+        return y + self.mul_bits([(bit, x - y)])[0]
 
     def relu(self, x: AShare) -> AShare:
-        return self.mul(1 - self.ltz(x), x)
+        return self.mul_bits([(1 - self.ltz(x), x)])[0]
 
     # ------------------------------------------------------------------ argmax
     def argmax(self, x: AShare, axis: int = -1, *, bits: int = 63) -> tuple[AShare, AShare]:
@@ -514,10 +544,10 @@ class MPC:
             factor = AShare(bg.values * coef, self.party, 0) + const
             diff = right - left
             if onehot is None:
-                (prod,) = self.mul_many([(b, diff)])
+                (prod,) = self.mul_bits([(b, diff)])
                 onehot = factor
             else:
-                prod, onehot = self.mul_many([(b, diff), (onehot, factor)])
+                prod, onehot = self.mul_bits([(b, diff), (factor, onehot)])
             winners = left + prod
             if cur % 2 == 1:
                 winners = AShare.concatenate([winners, vals[..., cur - 1 : cur]], axis=-1)
@@ -622,7 +652,7 @@ class MPC:
         y, _ = self._newton(xn)
         q = self.trunc(AShare(y.values, self.party, self.frac + 1), 1)
         # sigmoid(x) = s ? 1 - q : q
-        res = q + self.mul(s, one - AShare(q.values * np.uint64(2), self.party, self.frac))
+        res = q + self.mul_bits([(s, one - AShare(q.values * np.uint64(2), self.party, self.frac))])[0]
         return AShare(res.values.reshape(shp), self.party, self.frac)
 
 

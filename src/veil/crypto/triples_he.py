@@ -256,6 +256,12 @@ class HomomorphicTriples:
         out: U64 = self._ot_engine().bit_product(mine)
         return out
 
+    def bit_mul(self, bit_share: U64, x_share: U64) -> U64:
+        """Shares of ``b * x`` for a shared bit ``b`` (one OT per element and direction instead
+        of a Beaver triple). Used by :meth:`MPC.mul_bits` when present."""
+        out: U64 = self._ot_engine().bit_mul(bit_share, x_share)
+        return out
+
     def bit_triples(self, nbytes: int) -> tuple[U8, U8, U8]:
         if self.bits_via == "ot":
             out: tuple[U8, U8, U8] = self._ot_engine().and_triples(nbytes)

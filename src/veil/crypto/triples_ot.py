@@ -323,3 +323,33 @@ class OTExtension:
 
         c = ring_matmul(a, b) + (send_share + recv_share).T
         return a, b, np.ascontiguousarray(c)
+
+    def bit_mul(self, bit_share: U64, x_share: U64) -> U64:
+        """Shares of ``b * x`` where ``b`` in {0, 1} is arithmetically shared (``bit_share``)
+        and ``x`` is shared (``x_share``), both of the same shape.
+
+        ``b = lsb(b0) xor lsb(b1)``; party i's term ``(c0 xor c1) x_i`` is one correlated OT with
+        party i as sender (``m0`` kept as ``c_i x_i - m0``, correction
+        ``m0 - m1 + (1 - 2 c_i) x_i``) and the other party choosing with its ``c_j``. One OT per
+        element per direction + 8 bytes: ~64x cheaper than a Beaver triple from OTs. 2 rounds.
+        """
+        bflat = np.asarray(bit_share, dtype=np.uint64).ravel()
+        xflat = np.asarray(x_share, dtype=np.uint64).ravel()
+        if bflat.shape != xflat.shape:
+            raise ProtocolError("bit_mul: shapes differ")
+        n = bflat.size
+        m = max(8, ((n + 7) // 8) * 8)
+        c = np.zeros(m, dtype=np.uint8)
+        c[:n] = (bflat & np.uint64(1)).astype(np.uint8)
+        x = np.zeros(m, dtype=np.uint64)
+        x[:n] = xflat
+        m0, m1, mc = self.random_ots(m, c)
+        w0 = m0[:, :8].copy().view("<u8").astype(np.uint64).ravel()
+        w1 = m1[:, :8].copy().view("<u8").astype(np.uint64).ravel()
+        wc = mc[:, :8].copy().view("<u8").astype(np.uint64).ravel()
+        cu = c.astype(np.uint64)
+        corr = w0 - w1 + (np.uint64(1) - (cu << np.uint64(1))) * x
+        (peer_corr,) = self._exchange([corr])
+        mine = cu * x - w0  # as sender
+        got = wc + cu * peer_corr  # as receiver: m_c (+ correction if c = 1)
+        return (mine + got)[:n].reshape(np.shape(x_share))
