@@ -232,3 +232,11 @@ def test_bad_inputs() -> None:
         decide(MetricsWindow([Sample(1.0)], [HostInfo("a", 1, 0), HostInfo("a", 1, 0)]), ScalerState(1), 1.0)
     d = decide(MetricsWindow([]), ScalerState(3), 5.0)
     assert d.replicas == 3 and "no metrics" in d.state.reason
+
+
+def test_lowered_max_is_obeyed_at_once() -> None:
+    pol = SloAutoscaler(SloConfig(max_replicas=3, enclave_mb=ENCLAVE))
+    hosts = [HostInfo("h0", 1000, 150, 5), HostInfo("h1", 1000, 0, 0)]
+    samples = [Sample(float(t), 500.0, 2.0, 20, SERVICE, ready_replicas=5) for t in range(1, 31)]
+    d = pol.decide(MetricsWindow(samples, hosts), ScalerState(5, {"h0": 5}), 31.0)
+    assert d.replicas == 3 and d.placement == {"h0": 3}

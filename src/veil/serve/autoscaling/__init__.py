@@ -372,6 +372,17 @@ class SloAutoscaler:
                 return Decision(st.replicas, pl, st)
             st = replace(state, replicas=cur, placement=cur_pl, below_since=None, reason=f"capped: {note}")
             return Decision(cur, dict(cur_pl), st)
+        if cur > c.max_replicas:  # the bound was lowered: obey it at once
+            pl, _ = self._fit(window, cur_pl, c.max_replicas)
+            st = replace(
+                state,
+                replicas=sum(pl.values()),
+                placement=pl,
+                last_scale_down=now,
+                below_since=None,
+                reason=f"scale down to max_replicas={c.max_replicas}",
+            )
+            return Decision(st.replicas, pl, st)
         calm = self._calm_after_removal(window, stable, cur_pl, cur, rate_stable, service)
         if desired < cur and calm and not in_panic:
             below_since = state.below_since if state.below_since is not None else now
