@@ -164,8 +164,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 t = time.perf_counter()
                 if op == "mul":
                     mpc.mul(a[0], a[1])
+                elif op == "mul_bits":
+                    mpc.mul_bits([(a[2], a[1])])
                 elif op == "ltz":
                     mpc.ltz(a[0])
+                elif op == "argmax":
+                    mpc.argmax(a[3], axis=-1, bits=40)
                 else:
                     mpc.ltz(a[0], bits=40)
                 return {"seconds": time.perf_counter() - t, "bytes": ch.stats.bytes_sent - b0}
@@ -174,10 +178,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
         xa = share_floats(rng.uniform(-100, 100, m_df), FXP)
         ya = share_floats(rng.uniform(-100, 100, m_df), FXP)
-        for op in ("mul", "ltz", "ltz_bits40"):
-            r0, r1 = run_parties(df_role(0, op, (xa[0], ya[0])), df_role(1, op, (xa[1], ya[1])),
-                                 timeout=1200)
-            row = {"op": f"{op} (dealer-free, triples on the fly, arith=ot)", "elements": m_df,
+        bb = share_floats(rng.integers(0, 2, m_df).astype(float), FixedPoint(0))
+        ga = share_floats(rng.uniform(0, 50, (2, m_df // 2)), FXP)
+        for op in ("mul", "mul_bits", "ltz", "ltz_bits40", "argmax"):
+            r0, r1 = run_parties(df_role(0, op, (xa[0], ya[0], bb[0], ga[0])),
+                                 df_role(1, op, (xa[1], ya[1], bb[1], ga[1])), timeout=1200)
+            label = "argmax bits=40 over (2, m/2)" if op == "argmax" else op
+            row = {"op": f"{label} (dealer-free, triples on the fly, arith=ot)", "elements": m_df,
                    "seconds": round(max(r0["seconds"], r1["seconds"]), 3),
                    "bytes_sent_per_party": max(r0["bytes"], r1["bytes"])}
             rows.append(row)

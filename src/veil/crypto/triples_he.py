@@ -43,6 +43,7 @@ __all__ = ["HomomorphicTriples", "HtMsg"]
 log = logging.getLogger("veil.crypto")
 
 _SIGMA = 40
+_BIT_POOL = 1 << 12  # bytes of AND triples generated at least per OT-extension call
 _MOD64 = 1 << 64
 
 
@@ -89,6 +90,8 @@ class HomomorphicTriples:
             raise ConfigError("arith must be 'he' (Gilboa with OU/Paillier) or 'ot' (Gilboa with OTs)")
         self.bits_via = bits
         self.arith_via = arith
+        empty = np.zeros(0, dtype=np.uint8)
+        self._bitpool: tuple[U8, U8, U8] = (empty, empty.copy(), empty.copy())
         self._ot: Any = None
         self.channel = channel
         self.party = party
@@ -264,8 +267,16 @@ class HomomorphicTriples:
 
     def bit_triples(self, nbytes: int) -> tuple[U8, U8, U8]:
         if self.bits_via == "ot":
-            out: tuple[U8, U8, U8] = self._ot_engine().and_triples(nbytes)
-            self.generated["bits"] += nbytes * 8
+            # small requests (late argmax levels, few elements) draw from a pool generated in
+            # batches of >= _BIT_POOL bytes: an OT extension call has a fixed cost
+            pool = self._bitpool
+            if pool[0].size < nbytes:
+                fresh = self._ot_engine().and_triples(max(nbytes - pool[0].size, _BIT_POOL))
+                self.generated["bits"] += fresh[0].size * 8
+                pool = (np.concatenate([pool[0], fresh[0]]), np.concatenate([pool[1], fresh[1]]),
+                        np.concatenate([pool[2], fresh[2]]))
+            out = (pool[0][:nbytes], pool[1][:nbytes], pool[2][:nbytes])
+            self._bitpool = (pool[0][nbytes:], pool[1][nbytes:], pool[2][nbytes:])
             return out
         n = nbytes * 8
         x = np.unpackbits(np.frombuffer(random_u64(-(-nbytes // 8)).tobytes()[:nbytes], dtype=np.uint8))
