@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 #: examples per fuzz test: small in `make test`, `make fuzz` sets VEIL_FUZZ_EXAMPLES=5000
@@ -39,3 +41,18 @@ def pytest_sessionfinish(session: object, exitstatus: int) -> None:
 
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(snapshot(), fh, indent=1, sort_keys=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hardening_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A private simulated platform key / EPC registry for the whole hardening session."""
+    base = tmp_path_factory.mktemp("hardening-home")
+    saved = {k: os.environ.get(k) for k in ("VEIL_HOME", "VEIL_SIM_EPC_DIR")}
+    os.environ["VEIL_HOME"] = str(base / "home")
+    os.environ["VEIL_SIM_EPC_DIR"] = str(base / "epc")
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -315,7 +315,7 @@ def unpack_bundle(plain: bytes) -> dict[str, bytes]:
     """Decode the file bundle of an ``hf-causal-lm`` payload (strictly typed)."""
     try:
         files = msgspec.msgpack.decode(plain, type=dict[str, bytes])
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # invalid utf-8 name (hardening, issue 9)
         raise PackageError(f"malformed model bundle: {exc}") from None
     if len(files) > MAX_BUNDLE_FILES or any(not _HF_ALLOWED.match(k.split("/", 1)[-1]) for k in files):
         raise PackageError("model bundle contains unexpected files")

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -285,7 +285,10 @@ class Gateway:
                 if len(self._done) > self.cfg.dedup_entries:
                     self._done.popitem(last=False)
         self._record(data)
-        self.m_requests.labels(path.rsplit("/", 1)[-1], str(status)).inc()
+        endpoint = path.rsplit("/", 1)[-1]
+        if endpoint not in ("infer", "completions", "attestation"):  # hardening (issue 9): the model
+            endpoint = "other"  # name is client-chosen: as a label it would grow metrics without bound
+        self.m_requests.labels(endpoint, str(status)).inc()
         self.m_latency.observe(time.perf_counter() - t0)
         return status, dict(out_h), data
 
@@ -404,7 +407,7 @@ def create_app(gw: Gateway) -> FastPost:
             for r in gw.router.replicas.values()
         ]
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # documents text/plain (hardening)
     async def metrics() -> Response:
         return Response(generate_latest(gw.registry), media_type="text/plain; version=0.0.4")
 

@@ -28,7 +28,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from veil.comm import codec
 from veil.crypto.random import random_bytes
@@ -245,7 +245,10 @@ def create_app(service: KMSService) -> FastAPI:
     @app.post("/v1/models/{model}/keys", dependencies=[Admin])
     def new_key(model: str, body: CreateKeyRequest) -> NewKeyResponse:
         """Create a new data-key version for ``model`` (rotation); the key is returned once, for packaging."""
-        ImportKeyRequest(model=model, key_id="0" * 32, key="0" * 64, signer=body.signer)  # validates the name
+        try:  # validates the name (hardening: an invalid name was a pydantic error -> 500)
+            ImportKeyRequest(model=model, key_id="0" * 32, key="0" * 64, signer=body.signer)
+        except ValidationError:
+            raise InputError(f"invalid model name {model[:80]!r}") from None
         info, key = service.store.new_key(model, body.signer)
         service.store.audit(
             event="rotate", outcome="ok", key_ids=[info.key_id], reason=f"{model} v{info.version}"

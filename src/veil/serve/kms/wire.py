@@ -108,7 +108,7 @@ class ChallengeResponse(_Strict):
 
 
 class ReleaseRequest(_Strict):
-    nonce: str = Field(pattern=r"^[0-9a-f]{32,128}$")
+    nonce: str = Field(pattern=r"^(?:[0-9a-f]{2}){16,64}$")  # even length (hardening: odd -> 500)
     offer: str = Field(max_length=1 << 20, description="base64 of the veil.comm-encoded AttestedOffer")
     key_ids: list[str] = Field(default_factory=list, max_length=64)
     worker_id: str = Field(default="", max_length=128)
