@@ -231,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attack-private", type=int, default=32, help="private examples attacked")
     a = p.parse_args(argv)
     a.out = a.out or RESULTS / ("tune_methods.json" if a.table else "tune.json")
-    a.steps = a.steps or (16 if a.quick else 150)
-    a.eval = a.eval or (40 if a.quick else 300)
-    a.timing_steps = a.timing_steps or (4 if a.quick else 20)
-    a.max_length = a.max_length or (96 if a.quick else 128)
+    a.steps = a.steps or (10 if a.quick else 150)
+    a.eval = a.eval or (30 if a.quick else 300)
+    a.timing_steps = a.timing_steps or (3 if a.quick else 20)
+    a.max_length = a.max_length or (80 if a.quick else 128)
     cuts = [int(x) for x in a.cuts.split(",") if x]
     logging.basicConfig(level=logging.ERROR)
     from transformers.utils import logging as hf_logging
