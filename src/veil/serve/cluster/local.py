@@ -285,7 +285,7 @@ class LocalCluster:
             self.gateway_url + "/veil/v1/replicas",
             json={"url": url, "host": host},
             headers={"authorization": f"Bearer {self.admin_token}"},
-            timeout=10,
+            timeout=30,
         )
         if r.status_code != 200:
             raise ServeError(f"gateway refused the new replica: {r.status_code} {r.text[:200]}")
@@ -299,7 +299,7 @@ class LocalCluster:
             r = httpx.delete(
                 self.gateway_url + f"/veil/v1/replicas/{rid}",
                 headers={"authorization": f"Bearer {self.admin_token}"},
-                timeout=10,
+                timeout=30,
             )
             if r.status_code != 200:
                 raise ServeError(f"gateway refused to drain {rid}: {r.status_code} {r.text[:200]}")
