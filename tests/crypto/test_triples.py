@@ -272,3 +272,33 @@ def test_mul_bits_with_ot_and_dealer() -> None:
         (z, sel), _ = run_parties(role(0, b0, x0, s0), role(1, b1, x1, s1), timeout=120)
         np.testing.assert_allclose(z, bits * x, atol=1e-5)
         np.testing.assert_allclose(sel, np.where(bits == 1, x, 2 * x), atol=1e-5)
+
+
+def test_mpc_with_trusted_dealer_process_roles() -> None:
+    """Dealer thread + two parties, each on its own channel; MPC results equal the plaintext."""
+    d0, p0 = MemoryChannel.pair(timeout=30)
+    d1, p1 = MemoryChannel.pair(timeout=30)
+    dealer = threading.Thread(target=run_dealer, args=(d0, d1), kwargs={"timeout": 30}, daemon=True)
+    dealer.start()
+    rng = np.random.default_rng(15)
+    x = rng.uniform(-20, 20, (4, 9))
+    x0, x1 = share_floats(x, FXP)
+
+    def role(p: int, dch: MemoryChannel, xs: Any) -> Any:
+        def f(ch: Channel) -> Any:
+            src = TrustedDealer(dch, p, timeout=30)
+            mpc = MPC(ch, p, src, FXP, timeout=30)
+            sq = mpc.mul(xs, xs)
+            oh, mx = mpc.argmax(xs, axis=1)
+            out = mpc.reveal_float(sq), mpc.reveal(oh), mpc.reveal_float(mx)
+            src.close()
+            return out
+
+        return f
+
+    (sq, oh, mx), _ = run_parties(role(0, p0, x0), role(1, p1, x1), timeout=120)
+    dealer.join(30)
+    np.testing.assert_allclose(sq, x * x, atol=1e-3)
+    np.testing.assert_array_equal(oh, np.eye(9, dtype=np.uint64)[np.argmax(x, axis=1)])
+    np.testing.assert_allclose(mx, x.max(axis=1), atol=1e-5)
+    assert not dealer.is_alive()
