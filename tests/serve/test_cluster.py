@@ -208,6 +208,11 @@ def test_duplicate_request_id_answered_once(cluster: LocalCluster) -> None:
     assert r2.headers.get("x-veil-deduplicated") == "1"
     after = sum(metric(u, "veil_worker_requests_total", 'outcome="ok"') for u in workers)
     assert after - before == 1
+    # another request reusing the id (e.g. another client) is NOT answered from the cache
+    other = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [4, 3, 2, 1]}]}
+    r3 = _http.post(cluster.gateway_url + "/v2/models/tiny/infer", json=other, headers=h)
+    assert r3.status_code == 200 and "x-veil-deduplicated" not in r3.headers
+    assert r3.json()["outputs"][0]["data"] != r1.json()["outputs"][0]["data"]
 
 
 def _worker_argv(cluster: LocalCluster, package: Path, *extra: str) -> list[str]:

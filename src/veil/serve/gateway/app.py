@@ -261,22 +261,24 @@ class Gateway:
             return 400, {"content-type": "application/json"}, b'{"error":"x-request-id too long"}'
         headers = {k: v for k in _FORWARD_HEADERS if (v := req_headers.get(k)) is not None}
         headers["x-request-id"] = rid
-        cached = self._done.get(rid) if dedup else None
+        # same id AND same request (endpoint + body): another client reusing an id never gets this answer
+        key = f"{rid}:{hashlib.sha256(path.encode() + b'|' + body).hexdigest()}" if dedup else rid
+        cached = self._done.get(key) if dedup else None
         if cached is not None:
             self.m_dedup.inc()
             status, out_h, data = cached
             out_h = {**out_h, "x-veil-deduplicated": "1"}
         elif not dedup:
             status, out_h, data = await self.forward(method, path, model, body, headers, rid)
-        elif rid in self._inflight:
+        elif key in self._inflight:
             self.m_dedup.inc()
-            status, out_h, data = await asyncio.shield(self._inflight[rid])
+            status, out_h, data = await asyncio.shield(self._inflight[key])
             out_h = {**out_h, "x-veil-deduplicated": "1"}
         else:
             fut: asyncio.Future[tuple[int, dict[str, str], bytes]] = (
                 asyncio.get_running_loop().create_future()
             )
-            self._inflight[rid] = fut
+            self._inflight[key] = fut
             try:
                 status, out_h, data = await self.forward(method, path, model, body, headers, rid)
                 fut.set_result((status, out_h, data))
@@ -285,9 +287,9 @@ class Gateway:
                 fut.exception()  # mark retrieved
                 raise
             finally:
-                del self._inflight[rid]
+                del self._inflight[key]
             if status < 500:
-                self._done[rid] = (status, out_h, data)
+                self._done[key] = (status, out_h, data)
                 if len(self._done) > self.cfg.dedup_entries:
                     self._done.popitem(last=False)
         self._record(data)
