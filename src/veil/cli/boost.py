@@ -42,7 +42,12 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 # ---------------------------------------------------------------------------------- data
 def load_table(
-    path: Path, id_column: str | None, label_column: str | None, *, need_label: bool
+    path: Path,
+    id_column: str | None,
+    label_column: str | None,
+    *,
+    need_label: bool,
+    columns: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, list[str]]:
     """Read CSV/Parquet -> (features, labels, ids, feature names); clear errors on bad input."""
     import pandas as pd
@@ -83,6 +88,11 @@ def load_table(
         df = df.drop(columns=[label_column])
     elif need_label:
         raise BoostInputError("the active party must name its label column (--label-column)")
+    if columns is not None:
+        missing = [c for c in columns if c not in df.columns]
+        if missing:
+            raise BoostInputError(f"{path} lacks the model's feature column(s): {', '.join(missing)}")
+        df = df[columns]
     bad = [str(c) for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
     if bad:
         raise BoostInputError(f"{path}: non-numeric feature column(s): {', '.join(bad)} (encode them first)")
@@ -168,7 +178,8 @@ def train(
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds any single wait may take."),
 ) -> None:
     """Train a secure XGBoost model together with the peer; writes this party's half of the model."""
-    _run(lambda: _train(**locals()))
+    kw = dict(locals())
+    _run(lambda: _train(**kw))
 
 
 def _train(**kw: Any) -> None:
@@ -327,7 +338,8 @@ def predict(
     timeout: float = typer.Option(120.0, "--timeout"),
 ) -> None:
     """Secure prediction: the active party gets the scores; the passive party learns nothing."""
-    _run(lambda: _predict(**locals()))
+    kw = dict(locals())
+    _run(lambda: _predict(**kw))
 
 
 def _predict(**kw: Any) -> None:
@@ -338,7 +350,7 @@ def _predict(**kw: Any) -> None:
     pm = load_model(kw["model"])
     if pm.role != role:
         raise BoostConfigError(f"{kw['model']} belongs to the {pm.role} party, not {role}")
-    x, _, ids, _ = load_table(kw["data"], kw["id_column"], None, need_label=False)
+    x, _, ids, _ = load_table(kw["data"], kw["id_column"], None, need_label=False, columns=pm.feature_names)
     ch = open_channel(kw["peer"], kw["listen"], kw["identity"], kw["peer_fingerprint"], kw["timeout"])
     try:
         src = open_triples(
@@ -384,7 +396,8 @@ def dealer_cmd(
     timeout: float = typer.Option(3600.0, "--timeout"),
 ) -> None:
     """Serve one training/prediction session as the TRUSTED DEALER (weaker trust: it must not collude)."""
-    _run(lambda: _dealer(**locals()))
+    kw = dict(locals())
+    _run(lambda: _dealer(**kw))
 
 
 def _dealer(**kw: Any) -> None:
