@@ -302,3 +302,23 @@ def test_mpc_with_trusted_dealer_process_roles() -> None:
     np.testing.assert_array_equal(oh, np.eye(9, dtype=np.uint64)[np.argmax(x, axis=1)])
     np.testing.assert_allclose(mx, x.max(axis=1), atol=1e-5)
     assert not dealer.is_alive()
+
+
+def test_pure_he_mode_uses_no_ot() -> None:
+    kp = he.keygen(scheme="ou", key_bits=1024, backend="heu" if "heu" in he.available_backends() else None)
+    x = np.array([3.5, -2.0, 7.25])
+    x0, x1 = share_floats(x, FXP)
+
+    def role(p: int, xs: Any) -> Any:
+        def f(ch: Channel) -> Any:
+            src = HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, arith="he", bits="he")
+            mpc = MPC(ch, p, src, FXP, timeout=120)
+            out = mpc.reveal_float(mpc.mul(xs, xs)), mpc.reveal(mpc.ltz(xs))
+            return out, src._ot is None
+
+        return f
+
+    ((sq, neg), no_ot), _ = run_parties(role(0, x0), role(1, x1), timeout=300)
+    np.testing.assert_allclose(sq, x * x, atol=1e-4)
+    np.testing.assert_array_equal(neg, (x < 0).astype(np.uint64))
+    assert no_ot

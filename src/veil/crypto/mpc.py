@@ -308,6 +308,12 @@ class MPC:
                 out[i] = t
         return out
 
+    def _online(self, name: str) -> Any:
+        """The triple source's online OT protocol ``name`` if it offers (and enables) one."""
+        if not getattr(self.triples, "online_ot", False):
+            return None
+        return getattr(self.triples, name, None)
+
     def mul_bits(self, pairs: Sequence[tuple[AShare, AShare]]) -> list[AShare]:
         """Products ``bit * x`` where each ``bit`` is a shared 0/1 value (frac 0, e.g. from
         :meth:`ltz`, or an indicator), all in one batch; results keep ``x``'s scale (no
@@ -316,7 +322,7 @@ class MPC:
         The caller promises the bits are 0/1 (anything else gives a wrong result)."""
         if not pairs:
             return []
-        direct = getattr(self.triples, "bit_mul", None)
+        direct = self._online("bit_mul")
         if direct is None:
             return self.mul_many(pairs)
         bs, xs, shapes = [], [], []
@@ -414,7 +420,7 @@ class MPC:
         """Shares of ``m0 * m1`` where party i privately holds the bit ``m_i``: the triple
         source's ``bit_product`` (one OT per element, dealer-free) if it has one, else a Beaver
         triple."""
-        direct = getattr(self.triples, "bit_product", None)
+        direct = self._online("bit_product")
         if direct is not None:
             out: U64 = direct(mine)
             return out

@@ -90,6 +90,8 @@ class HomomorphicTriples:
             raise ConfigError("arith must be 'he' (Gilboa with OU/Paillier) or 'ot' (Gilboa with OTs)")
         self.bits_via = bits
         self.arith_via = arith
+        # MPC uses the online OT protocols (bit_product, bit_mul) only when this is set
+        self.online_ot = bits == "ot" or arith == "ot"
         empty = np.zeros(0, dtype=np.uint8)
         self._bitpool: tuple[U8, U8, U8] = (empty, empty.copy(), empty.copy())
         self._ot: Any = None
