@@ -105,7 +105,7 @@ class DealerBye(Message, frozen=True):
 
 
 _KINDS = {"beaver", "matmul", "bits", "pm_setup", "pm_vec"}
-_MAX_ELEMS = 1 << 31
+_MAX_ELEMS = 1 << 28  # per request (2 GiB of uint64): bounds what a peer can make the dealer allocate
 
 
 class _DealerCore:
