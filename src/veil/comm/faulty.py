@@ -7,7 +7,8 @@ directions) and, per sent message, may:
 * ``delay``      — sleep up to ``max_delay_s`` before delivering it;
 * ``duplicate``  — deliver it twice;
 * ``reorder``    — hold it back and deliver it after the next message (a held message is
-  flushed before this end receives, so a request/response protocol still makes progress);
+  flushed before this end receives, so a request/response protocol still makes progress; it is
+  recorded as a fault only when a later message really overtook it);
 * ``truncate``   — deliver a frame cut short (needs a frame channel: MemoryChannel/GrpcChannel);
 * ``corrupt``    — deliver the frame with one byte flipped (frame channels only);
 * ``close``      — close the channel instead of sending (the peer sees ChannelClosed);
@@ -91,6 +92,7 @@ class InjectedFault:
 class _Held:
     frame: bytes | None
     msg: Message
+    index: int
 
 
 @dataclass
@@ -155,10 +157,13 @@ class FaultyChannel:
         else:
             self.inner.send(msg)
 
-    def _flush_held(self) -> None:
+    def _flush_held(self, swapped: bool = False) -> None:
+        """Deliver a held-back message; it counts as reordered only if a later one overtook it."""
         held, self._held = self._held, None
         if held is not None and not self._dead:
             self._deliver(held.msg, held.frame)
+            if swapped:
+                self.injected.append(InjectedFault(held.index, "reorder", type(held.msg).__name__))
 
     def send(self, msg: Message) -> None:
         if self._dead:
@@ -169,23 +174,24 @@ class FaultyChannel:
         kind = self._choose(idx)
         if kind is None:
             self._deliver(msg)
-            self._flush_held()
+            self._flush_held(swapped=True)
             return
-        self.injected.append(InjectedFault(idx, kind, type(msg).__name__))
+        if kind != "reorder":  # a reorder is recorded when a later message actually overtakes it
+            self.injected.append(InjectedFault(idx, kind, type(msg).__name__))
         log.debug("fault injected: %s on send #%d (%s)", kind, idx, type(msg).__name__)
         if kind == "drop":
             return
         if kind == "delay":
             time.sleep(self.rng.uniform(0.0, self.plan.max_delay_s) if self.rng else self.plan.max_delay_s)
             self._deliver(msg)
-            self._flush_held()
+            self._flush_held(swapped=True)
         elif kind == "duplicate":
             self._deliver(msg)
             self._deliver(msg)
-            self._flush_held()
+            self._flush_held(swapped=True)
         elif kind == "reorder":
             self._flush_held()
-            self._held = _Held(None, msg)
+            self._held = _Held(None, msg, idx)
         elif kind in ("truncate", "corrupt"):
             frame = self.inner.codec.encode(msg)
             if kind == "truncate":
@@ -196,7 +202,7 @@ class FaultyChannel:
                 bit = 1 << (self.rng.randrange(8) if self.rng else 0)
                 frame = frame[:pos] + bytes([frame[pos] ^ bit]) + frame[pos + 1 :]
             self._deliver(msg, frame)
-            self._flush_held()
+            self._flush_held(swapped=True)
         elif kind == "close":
             self._held = None
             self.inner.close()
