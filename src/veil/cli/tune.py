@@ -201,6 +201,8 @@ def client(
     from veil.tune.enclave_server import expected_measurement
     from veil.tune.split import client_part
 
+    if data != "bbc" and not Path(data).is_file():
+        raise InputError(f"data file {data} does not exist (use 'bbc' or a JSONL of prompt/completion)")
     ident, peer_kw = _identity_and_peer(identity, peer)
     opts = _adapter_options(adapter, lora_r, lora_alpha, virtual_tokens)
     lm, tok = load_model_and_tokenizer(model)
