@@ -8,6 +8,7 @@ that are *exact*: a product of two 16-bit limbs summed over at most 2^20 rows st
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,15 @@ _CHUNK = 1 << 12  # contraction rows per GEMM block (exactness needs <= 2^20)
 
 
 def _limbs(x: U64) -> list[npt.NDArray[np.float64]]:
-    return [((x >> np.uint64(_LIMB * i)) & _MASK16).astype(np.float64) for i in range(4)]
+    """The four 16-bit limbs of ``x`` as float64 arrays (low limb first)."""
+    if sys.byteorder != "little":  # pragma: no cover - the uint16 view below assumes little-endian
+        return [((x >> np.uint64(_LIMB * i)) & _MASK16).astype(np.float64) for i in range(4)]
+    if x.ndim == 2 and x.flags.f_contiguous and not x.flags.c_contiguous:
+        xt = x.T  # C-contiguous view: read each element's 4 limbs from one uint16 view
+        v = xt.view(np.uint16).reshape((*xt.shape, 4))
+        return [np.ascontiguousarray(v[..., i], dtype=np.float64).T for i in range(4)]
+    v = np.ascontiguousarray(x).view(np.uint16).reshape((*x.shape, 4))
+    return [np.ascontiguousarray(v[..., i], dtype=np.float64) for i in range(4)]
 
 
 def ring_matmul(a: Any, b: Any) -> U64:
