@@ -189,3 +189,20 @@ def test_out_of_step_or_malformed_frames_are_refused() -> None:
     b.send(MpcOpen(0, [np.zeros(2, np.uint64)]))
     with pytest.raises(ProtocolError):
         mpc3.share(None, owner=1, shape=(3,))
+
+
+def test_ring_matmul_exact_against_python_ints() -> None:
+    from veil.crypto.mpc_ring import RingMatrix, ring_matmul
+
+    r = np.random.default_rng(21)
+    a = r.integers(0, 2**64 - 1, (9, 37), dtype=np.uint64, endpoint=True)
+    b = r.integers(0, 2**64 - 1, (37, 5), dtype=np.uint64, endpoint=True)
+    a[0, :] = np.uint64(2**64 - 1)  # extreme limbs
+    b[:, 0] = np.uint64(2**64 - 1)
+    ai, bi = a.astype(object), b.astype(object)
+    ref = np.array([[int(sum(ai[i, t] * bi[t, j] for t in range(37)) % 2**64) for j in range(5)]
+                    for i in range(9)], dtype=np.uint64)
+    np.testing.assert_array_equal(ring_matmul(a, b), ref)
+    np.testing.assert_array_equal(ring_matmul(np.asfortranarray(a), b), ref)
+    np.testing.assert_array_equal(RingMatrix(a, cache=True).matmul(b), ref)
+    np.testing.assert_array_equal(ring_matmul(a, b[:, 2]), ref[:, 2])
