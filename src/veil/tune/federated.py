@@ -45,7 +45,6 @@ from veil.errors import (
     ConfigError,
     DecryptionError,
     InputError,
-    PeerError,
     ProtocolError,
     VeilError,
 )
@@ -636,10 +635,7 @@ def run_federated_client(
     like = client.adapter.adapter_state()
     t0 = time.perf_counter()
     while True:
-        try:
-            msg = channel.recv(Sealed, timeout=timeout)
-        except PeerError:
-            raise
+        msg = channel.recv(Sealed, timeout=timeout)  # PeerError if the server excluded us
         glob = codec.decode(session.decrypt(msg.frame, AAD_FED_TO_CLIENT), FedGlobal)
         state = _bytes_to_tensors(glob.weights, like)
         client.load(state)
