@@ -88,7 +88,7 @@ def _party(
         from veil.boost.api import make_triple_source
 
         t0 = time.perf_counter()
-        src = make_triple_source("homomorphic", ch, 0 if role == "active" else 1)
+        src = make_triple_source("homomorphic", ch, 0 if role == "active" else 1, arith="ot")
         setup = time.perf_counter() - t0
     else:
         setup = 0.0
@@ -230,7 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small smoke run (< 2 min)")
     ap.add_argument("--rows", type=int, nargs="+", default=None)
     ap.add_argument("--algorithms", nargs="+", default=["ss-agg", "he-agg"])
-    ap.add_argument("--triples", nargs="+", default=["dealer", "homomorphic"])
+    ap.add_argument("--triples", nargs="+", default=None, help="default: dealer homomorphic (quick: dealer)")
+    ap.add_argument(
+        "--force", action="store_true", help="also run ss-agg with dealer-free triples (infeasible)"
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=900.0,
+        help="skip larger row counts of a combination once one run took longer than this",
+    )
     ap.add_argument("--trees", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--max-bin", type=int, default=16)
@@ -240,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = args.rows or ([1000] if args.quick else [10_000, 50_000, 200_000])
     trees = args.trees or (2 if args.quick else 10)
+    kinds = args.triples or (["dealer"] if args.quick else ["dealer", "homomorphic"])
+    slow: set[tuple[str, str]] = set()
     depth = args.depth or (3 if args.quick else 5)
     runs: list[dict[str, Any]] = []
     out = Path(args.out)
@@ -253,9 +264,31 @@ def main(argv: list[str] | None = None) -> int:
     }
     for n in rows:
         for alg in args.algorithms:
-            for tk in args.triples:
+            for tk in kinds:
                 console.print(f"[bold]{n} rows, {alg}, triples={tk}[/] ...")
-                r = run_one(n, alg, tk, trees, depth, args.max_bin, args.he_backend, args.timeout)
+                base = {
+                    "rows": n,
+                    "algorithm": alg,
+                    "triples": tk,
+                    "n_estimators": trees,
+                    "max_depth": depth,
+                    "max_bin": args.max_bin,
+                }
+                if alg == "ss-agg" and tk == "homomorphic" and not args.force:
+                    r = {
+                        **base,
+                        "status": "skipped: the masked bucket-matrix correlation costs rows x bins x "
+                        "columns HE products dealer-free (infeasible); use he-agg (--force to try)",
+                    }
+                elif (alg, tk) in slow:
+                    r = {
+                        **base,
+                        "status": f"skipped: a smaller run of this combination exceeded {args.budget:g} s",
+                    }
+                else:
+                    r = run_one(n, alg, tk, trees, depth, args.max_bin, args.he_backend, args.timeout)
+                    if r.get("status") != "ok" or r.get("seconds", 0) > args.budget:
+                        slow.add((alg, tk))
                 r["meta"] = meta
                 runs.append(r)
                 out.write_text(json.dumps(runs, indent=1))

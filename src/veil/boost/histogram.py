@@ -10,9 +10,9 @@ the non-owner learns nothing about ``bins``.
   ``F = V_other - B`` (uniform); owner: ``M^T (V_own + F) + C_own`` (sparse bucket sums),
   non-owner: ``E^T B + C_other`` (dense, independent of the data). ``C = A^T B``.
 * :class:`HEAggregator` (``he-agg``): the non-owner encrypts its share of ``V`` under its own
-  key (several values packed per ciphertext), the owner adds its share, sums ciphertexts per
-  bucket with its plaintext bins (``CiphertextArray.bucket_sums``), adds a statistically hiding
-  mask (40 bits wider than the sum, never reduced mod 2^64 before decryption), re-randomises and
+  key (several values packed per ciphertext), the owner sums the ciphertexts per bucket with its
+  plaintext bins (``CiphertextArray.bucket_sums``), adds the bucket sums of its own share (in
+  plaintext, K additions instead of n) and a statistically hiding mask (40 bits wider than the sum, never reduced mod 2^64 before decryption), re-randomises and
   returns them; the non-owner decrypts and keeps ``sum + r mod 2^64``, the owner ``-r``.
 """
 
@@ -285,7 +285,8 @@ class HEAggregator:
             ct = CiphertextArray.from_bytes(self.peer_pk, msg.data)
             if len(ct) != self.n * per:
                 raise BoostProtocolError(f"expected {self.n * per} ciphertexts, got {len(ct)}")
-            ct = ct + self._pack(v.values)
+            # the owner's own share is added after aggregation: sum(x_own) per bucket in plaintext
+            # (K plaintext additions instead of n)
             cols = []
             for j in range(per):
                 cols.append(ct[np.arange(j, self.n * per, per)].bucket_sums(self.bins, self.n_bins))
@@ -293,12 +294,17 @@ class HEAggregator:
             joined = CiphertextArray.concat(cols)
             order = np.arange(k * per).reshape(per, k).T.ravel()
             summed = joined[order]
+            own = onehot_bucket_sums(self.bins, self.n_bins, v.values)  # (k, c)
+            pad = per * self.slots - c
+            if pad:
+                own = np.concatenate([own, np.zeros((k, pad), np.uint64)], axis=1)
+            own_flat = own.reshape(k * per * self.slots).tolist()
             r = random_int_array(k * per * self.slots, self.slot_bits - 1)
             rr = np.array([x & ((1 << 64) - 1) for x in r], dtype=np.uint64).reshape(k * per, self.slots)
-            masks = self._pack_ints(r, k * per)
+            masks = self._pack_ints([a + b for a, b in zip(own_flat, r, strict=True)], k * per)
             out = (summed + masks).rerandomize()
             self.timing.add("he", time.perf_counter() - t0)
-            self.timing.he_ops += len(ct) * (1 + self.n_features) + 2 * len(out)
+            self.timing.he_ops += len(ct) * self.n_features + 2 * len(out)
             ch.send(CiphertextBatch(f"{st}/sums", out.to_bytes(), len(out)))
             z = (np.zeros_like(rr) - rr).reshape(k, per * self.slots)[:, :c]
         return AShare(np.ascontiguousarray(z), mpc.party, v.frac_bits)
