@@ -12,7 +12,8 @@ the non-owner learns nothing about ``bins``.
 * :class:`HEAggregator` (``he-agg``): the non-owner encrypts its share of ``V`` under its own
   key (several values packed per ciphertext), the owner sums the ciphertexts per bucket with its
   plaintext bins (``CiphertextArray.bucket_sums``), adds the bucket sums of its own share (in
-  plaintext, K additions instead of n) and a statistically hiding mask (40 bits wider than the sum, never reduced mod 2^64 before decryption), re-randomises and
+  plaintext, K additions instead of n) and a statistically hiding mask (40 bits wider than the
+  sum, never reduced mod 2^64 before decryption), re-randomises and
   returns them; the non-owner decrypts and keeps ``sum + r mod 2^64``, the owner ``-r``.
 """
 
