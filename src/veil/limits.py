@@ -10,6 +10,7 @@ concurrency is bounded by a :class:`SessionLimiter`.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,8 +65,12 @@ class Limits(BaseSettings):
 @lru_cache(maxsize=1)
 def get_limits() -> Limits:
     """The process-wide limits (read once from the environment). ConfigError if invalid."""
+    extra: dict[str, str] = {}
+    legacy = os.environ.get("VEIL_MAX_MESSAGE_BYTES")  # veil.config's older knob, honoured if set alone
+    if legacy is not None and f"{ENV_PREFIX}MAX_MESSAGE_BYTES" not in os.environ:
+        extra["max_message_bytes"] = legacy
     try:
-        return Limits()
+        return Limits(**extra)  # type: ignore[arg-type]  # pydantic parses the string
     except ValidationError as exc:
         problems = "; ".join(
             f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()

@@ -201,6 +201,8 @@ def _mutator(kind: str, target: int) -> Any:
     def mutate(msg: Message, idx: int) -> Message | None:
         if kind == "rows" and type(msg).__name__ == "Hello":
             return msgspec.structs.replace(msg, n_rows=2**62)
+        if kind == "features" and type(msg).__name__ == "Hello":
+            return msgspec.structs.replace(msg, n_features=[2**40, -3, 0][target])
         if kind == "ciphertexts" and type(msg).__name__ == "CiphertextBatch":
             seen["n"] += 1
             if seen["n"] - 1 != target:
@@ -209,7 +211,7 @@ def _mutator(kind: str, target: int) -> Any:
             data[-8:] = b"\xff" * 8  # top bytes of the last ciphertext: out of range for the key
             return msgspec.structs.replace(msg, data=bytes(data))
         fields = _array_fields(msg)
-        if not fields or kind in ("rows", "ciphertexts"):
+        if not fields or kind in ("rows", "features", "ciphertexts"):
             return None
         seen["n"] += 1
         if seen["n"] - 1 != target:
@@ -230,7 +232,8 @@ def _mutator(kind: str, target: int) -> Any:
 
 
 ATTACKS = [("short", 0), ("short", 5), ("short", 25), ("dtype", 0), ("dtype", 7), ("extra", 3),
-           ("ciphertexts", 0), ("ciphertexts", 2), ("rows", 0)]
+           ("ciphertexts", 0), ("ciphertexts", 2), ("rows", 0),
+           ("features", 0), ("features", 1), ("features", 2)]
 # (CiphertextBatch.count is redundant: the receiver checks the length of the decoded array instead,
 #  so a wrong count alone changes nothing and is not an attack.)
 

@@ -105,6 +105,10 @@ class FrameChannel:
         if not timeout > 0:
             raise ChannelError(f"channel timeout must be positive, got {timeout}")
         self.default_timeout = float(timeout)
+        if max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES:  # hardening (issue 9): caller chose no limit,
+            from veil.limits import get_limits  # so the shared VEIL_LIMIT_MAX_MESSAGE_BYTES applies
+
+            max_message_bytes = min(max_message_bytes, get_limits().max_message_bytes)
         self.codec = Codec(max_message_bytes)
         self.stats = ChannelStats()
         self._closed = False

@@ -233,6 +233,7 @@ class TuneEnclave:
         b, t = hidden.shape[:2]
         if b == 0 or t == 0:
             raise ProtocolError("empty batch")
+        _check_shared_limits(b, t)  # hardening (issue 9): VEIL_LIMIT_* resource limits
         if self.context_length and t > self.context_length:
             raise ProtocolError(f"sequence of {t} tokens exceeds the model context ({self.context_length})")
         for name in ("attention_mask", "position_ids", "labels"):
@@ -405,6 +406,19 @@ class TuneEnclave:
             }
         )
         return encrypt_to_owner(export_payload(tensors, meta), owner_public)
+
+
+def _check_shared_limits(batch: int, tokens: int) -> None:
+    """Shared resource limits (veil.limits, env VEIL_LIMIT_*): batch rows and sequence length."""
+    from veil.errors import ResourceLimitError
+    from veil.limits import check_sequence_length, get_limits
+
+    lim = get_limits()
+    check_sequence_length(tokens, limits=lim)
+    if batch > lim.max_batch_size:
+        raise ResourceLimitError(
+            f"batch of {batch} rows exceeds the limit of {lim.max_batch_size} (VEIL_LIMIT_MAX_BATCH_SIZE)"
+        )
 
 
 def _safetensors_metadata(raw: bytes) -> dict[str, str]:
