@@ -86,7 +86,9 @@ def main() -> int:
         console.print(f"[bold]running[/] VEIL_FUZZ_EXAMPLES={examples} {' '.join(cmd[1:])}")
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.timeout, capture_output=True, text=True)
+            proc = subprocess.run(
+                cmd, cwd=ROOT, env=env, timeout=args.timeout, capture_output=True, text=True
+            )
         except subprocess.TimeoutExpired:
             console.print(f"[red]campaign exceeded {args.timeout} s[/]")
             return 1
@@ -102,7 +104,8 @@ def main() -> int:
     fuzz = campaign["fuzz"]
     faults = campaign["faults"]
     t = Table(title=f"fuzz cases per decoder (VEIL_FUZZ_EXAMPLES={examples})")
-    for col in ("decoder", "cases", "accepted", "refused (VeilError / 4xx)", "crashes", "max peak heap", "max s"):
+    cols = ("decoder", "cases", "accepted", "refused (VeilError / 4xx)", "crashes", "max peak heap", "max s")
+    for col in cols:
         t.add_column(col, justify="left" if col == "decoder" else "right")
     for name in sorted(fuzz):
         d = fuzz[name]
