@@ -1,7 +1,7 @@
 """Split fine-tuning with `veil tune server` / `veil tune client`, as two processes.
 
     python examples/02-split-finetune/run.py            # 30 LoRA steps, accuracy on 60 articles
-    python examples/02-split-finetune/run.py --quick    # 3 steps, 10 articles (a few minutes)
+    python examples/02-split-finetune/run.py --quick    # 2 steps, 8 articles (a few minutes)
 
 The server process plays the untrusted host + a SIMULATED enclave running SmolLM2-135M's layers
 2..29 with LoRA; the client process (the data owner) runs layers 0..1 on BBC News, verifies the
@@ -31,12 +31,12 @@ def veil(*args: str, timeout: float = 300) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 steps, 10 test articles")
+    ap.add_argument("--quick", action="store_true", help="2 steps, 8 test articles")
     ap.add_argument("--out", type=Path, default=Path("runs/example-02"), help="working folder")
     a = ap.parse_args()
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
-    steps, evals, max_len = ("3", "10", "64") if a.quick else ("30", "60", "112")
+    steps, evals, max_len = ("2", "8", "64") if a.quick else ("30", "60", "112")
     lr = "0.002"
     for who in ("server", "client"):
         veil("keys", "init", "--name", f"tune-{who}", "--out", str(out / who), "--force")

@@ -103,8 +103,9 @@ def main() -> int:
         with ServeClient(url, policy=policy, e2e=True) as client:
             claims = client.attest()
             probs = client.infer("cancer", {"X": xte[:3]})["probabilities"]
+        benign = [round(float(v), 3) for v in probs[:, 1]]
         print(f"end-to-end encrypted: service attested ({claims.label}, "
-              f"measurement {claims.measurement[:16]}…); P(benign) = {np.round(probs[:, 1], 3).tolist()}")
+              f"measurement {claims.measurement[:16]}…); P(benign) = {benign}")
     finally:
         up.send_signal(signal.SIGTERM)
         try:

@@ -98,6 +98,9 @@ def run(out_dir: Path, quick: bool, console: Console) -> ActResult:
         pad = int(tok.pad_token_id)
         n_layers = int(lm.config.num_hidden_layers)
         prog.update(t_load, completed=1)
+        if not quick:  # the untouched base model as safetensors, for act 3 to serve with the adapter
+            lm.save_pretrained(out_dir / "base-hf", safe_serialization=True)
+            tok.save_pretrained(out_dir / "base-hf")
 
         opts = {"r": s["lora_r"], "alpha": s["lora_alpha"]}
         t_enc = prog.add_task(f"build the server enclave (layers {CUT}..{n_layers - 1} + LoRA, SIMULATED)",

@@ -92,7 +92,9 @@ def _llm_dir(act2_dir: Path, work: Path) -> tuple[Path, Path] | None:
         return None
     from veil.tune.data import load_model_and_tokenizer
 
-    base = work / "smollm2-hf"
+    base = act2_dir / "base-hf"  # written by act 2 in the full demo
+    if not (base / "config.json").is_file():
+        base = work / "smollm2-hf"
     if not (base / "config.json").is_file():
         lm, tok = load_model_and_tokenizer()
         lm.save_pretrained(base, safe_serialization=True)
