@@ -154,3 +154,35 @@ def test_atomic_write_interrupted_by_kill_leaves_old_file(tmp_path: Path) -> Non
 def test_atomic_write_to_directory_is_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="directory"):
         atomic_write_bytes(tmp_path, b"x")
+
+
+@pytest.mark.parametrize("what", ["signing_key", "data_key_file"])
+def test_regression_secret_files_created_0600_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    """serve.signing.SigningKey.save and serve.package.KeyFile.write opened the file with the
+    default mode and chmod-ed it afterwards: another local user could open it in that window and
+    read the secret later. Now the file only appears (by rename) already 0600 and complete."""
+    from veil.serve import signing
+    from veil.serve.package import KeyFile
+
+    target = tmp_path / "secret"
+    seen: list[int] = []
+    real_replace = os.replace
+
+    def spy(src: str, dst: os.PathLike[str]) -> None:
+        assert not Path(dst).exists() or (os.stat(dst).st_mode & 0o077) == 0
+        seen.append(os.stat(src).st_mode & 0o777)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    if what == "signing_key":
+        sk = signing.SigningKey.generate()
+        sk.save(target)
+        assert signing.SigningKey.load(target).public_bytes == sk.public_bytes
+    else:
+        kf = KeyFile(model="m", key_id="ab" * 16, key="cd" * 32, signer="ef" * 32)
+        kf.write(target)
+        assert KeyFile.read(target) == kf
+    assert seen == [0o600]
+    assert (os.stat(target).st_mode & 0o777) == 0o600

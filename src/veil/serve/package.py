@@ -177,12 +177,10 @@ class KeyFile(BaseModel):
     signer: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     def write(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = path.open("w", encoding="utf-8")
-        with fd:
-            path.chmod(0o600)
-            fd.write(self.model_dump_json(indent=2))
+        from veil.atomic import atomic_write_text
+
+        # hardening (issue 9): 0600 from creation (no open-then-chmod window) and atomic
+        atomic_write_text(Path(path), self.model_dump_json(indent=2), mode=0o600)
 
     @classmethod
     def read(cls, path: Path) -> KeyFile:

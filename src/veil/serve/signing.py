@@ -32,11 +32,11 @@ class SigningKey:
         return self._sk.sign(message)
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="ascii") as fh:
-            path.chmod(0o600)
-            fh.write(self._seed.hex() + "\n")
+        from veil.atomic import atomic_write_text
+
+        # hardening (issue 9): created 0600 from the start (open-then-chmod let another local user
+        # open the file in between and read the seed later) and written atomically
+        atomic_write_text(Path(path), self._seed.hex() + "\n", encoding="ascii", mode=0o600)
 
     @classmethod
     def load(cls, path: Path) -> SigningKey:
