@@ -295,7 +295,12 @@ def test_add_and_drain_a_replica_at_run_time(cluster: LocalCluster) -> None:
         == 403
     )
     rid = cluster.add_worker(host="sim-host-1")
-    reps = {r["id"]: r for r in _http.get(cluster.gateway_url + "/veil/v1/replicas").json()}
+    deadline = time.monotonic() + 60  # healthy after the gateway's next successful status poll
+    while True:
+        reps = {r["id"]: r for r in _http.get(cluster.gateway_url + "/veil/v1/replicas").json()}
+        if reps[rid]["healthy"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
     assert reps[rid]["healthy"] and reps[rid]["host"] == "sim-host-1" and reps[rid]["models"] == ["tiny"]
     body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
     served_by = set()
@@ -361,3 +366,13 @@ def test_kill_worker_under_load_every_request_answered_once(cluster: LocalCluste
         assert doc["id"] == rid
         assert doc["outputs"][0]["data"] == want["outputs"][0]["data"]
     assert metric(cluster.gateway_url, "veil_gateway_retries_total") > retries_before
+    # supervision: the dead worker is restarted, re-attests, and the gateway uses it again
+    assert cluster.respawn_dead_workers() == [victim.name]
+    rid = victim.url.split("//", 1)[-1]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        reps = {r["id"]: r for r in _http.get(cluster.gateway_url + "/veil/v1/replicas").json()}
+        if reps[rid]["healthy"]:
+            break
+        time.sleep(0.5)
+    assert reps[rid]["healthy"]

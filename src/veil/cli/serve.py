@@ -284,6 +284,8 @@ def up(
             if "kms" in dead or "gateway" in dead:
                 typer.echo(f"error: {', '.join(dead)} exited; shutting down", err=True)
                 break
+            for name in cluster.respawn_dead_workers():
+                typer.echo(f"worker {name} exited; restarted it (it re-attests to the KMS)", err=True)
     finally:
         cluster.stop()
         typer.echo("stopped")

@@ -310,6 +310,18 @@ class LocalCluster:
             if p.url.split("//", 1)[-1] == rid:
                 self._terminate(p)
 
+    def respawn_dead_workers(self) -> list[str]:
+        """Restart every worker process that exited (same argv and port: it re-attests to the KMS and
+        the gateway's next status poll marks it healthy again). Returns the restarted names."""
+        restarted = []
+        for p in self.worker_procs():
+            if p.popen is not None and p.popen.poll() is not None and not p.name.startswith("worker-added"):
+                log.warning("worker %s exited with %s; restarting it", p.name, p.popen.returncode)
+                self.procs.remove(p)
+                self._spawn(Proc(p.name, p.argv, p.url))
+                restarted.append(p.name)
+        return restarted
+
     def worker_procs(self) -> list[Proc]:
         return [p for p in self.procs if p.name.startswith("worker")]
 
