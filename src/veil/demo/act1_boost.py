@@ -310,6 +310,9 @@ def run(out_dir: Path, quick: bool, console: Console) -> ActResult:
             wait_processes(procs, timeout, on_tick=drain)
         finally:
             stop_processes(procs)
+            for q in (events, port_q):
+                q.close()
+                q.join_thread()
     res: dict[str, dict[str, Any]] = {}
     for role in ("active", "passive"):
         f = tables["dirs"][role] / "result.json"

@@ -16,6 +16,7 @@ Writes ``act2.json`` and ``act2_loss.png``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -48,6 +49,27 @@ def _settings(quick: bool) -> dict[str, Any]:
         "lora_alpha": 16,
         "cut_layer": CUT,
     }
+
+
+def save_base_model(lm: Any, tok: Any, path: Path) -> Path:
+    """Write ``lm`` (before any adapter is injected) as a safetensors HF directory.
+
+    ``save_pretrained`` refuses models loaded from GGUF, so the de-quantised weights and the
+    config are written directly; a tied LM head is left out (the loader re-ties it).
+    """
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in lm.state_dict().items()}
+    if getattr(lm.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(path / "model.safetensors"))
+    cfg = lm.config.to_dict()
+    for k in ("quantization_config", "_name_or_path", "gguf_file"):
+        cfg.pop(k, None)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    tok.save_pretrained(path)
+    return path
 
 
 def _plot(path: Path, losses: list[float], acc_before: float, acc_after: float) -> None:
@@ -99,8 +121,7 @@ def run(out_dir: Path, quick: bool, console: Console) -> ActResult:
         n_layers = int(lm.config.num_hidden_layers)
         prog.update(t_load, completed=1)
         if not quick:  # the untouched base model as safetensors, for act 3 to serve with the adapter
-            lm.save_pretrained(out_dir / "base-hf", safe_serialization=True)
-            tok.save_pretrained(out_dir / "base-hf")
+            save_base_model(lm, tok, out_dir / "base-hf")
 
         opts = {"r": s["lora_r"], "alpha": s["lora_alpha"]}
         t_enc = prog.add_task(f"build the server enclave (layers {CUT}..{n_layers - 1} + LoRA, SIMULATED)",

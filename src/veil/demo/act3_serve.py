@@ -85,20 +85,11 @@ def _package(model: Path, name: str, out: Path, adapter: Path | None = None) -> 
     return pkg, kf, kid
 
 
-def _llm_dir(act2_dir: Path, work: Path) -> tuple[Path, Path] | None:
+def _llm_dir(act2_dir: Path) -> tuple[Path, Path] | None:
     """SmolLM2 as a safetensors HF directory + act 2's decrypted adapter, when act 2 ran."""
-    adapter = act2_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
+    adapter, base = act2_dir / "adapter", act2_dir / "base-hf"  # both written by act 2 (full demo)
+    if not (adapter / "adapter_config.json").is_file() or not (base / "config.json").is_file():
         return None
-    from veil.tune.data import load_model_and_tokenizer
-
-    base = act2_dir / "base-hf"  # written by act 2 in the full demo
-    if not (base / "config.json").is_file():
-        base = work / "smollm2-hf"
-    if not (base / "config.json").is_file():
-        lm, tok = load_model_and_tokenizer()
-        lm.save_pretrained(base, safe_serialization=True)
-        tok.save_pretrained(base)
     return base, adapter
 
 
@@ -183,7 +174,7 @@ def run(out_dir: Path, quick: bool, console: Console) -> ActResult:
     xte, yte = build_onnx(onnx_path)
     pkg, kf, _ = _package(onnx_path, MODEL, work)
     packages, key_files = [pkg], [kf]
-    llm = None if quick else _llm_dir(out_dir.parent / "act2", work)
+    llm = None if quick else _llm_dir(out_dir.parent / "act2")
     if llm is not None:
         lpkg, lkf, _ = _package(llm[0], LLM, work, adapter=llm[1])
         packages.append(lpkg)
