@@ -246,14 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--he-backend", default=None)
     ap.add_argument("--timeout", type=float, default=3600.0, help="per run")
     ap.add_argument("--out", default=str(RESULTS / "boost.json"))
+    ap.add_argument("--append", action="store_true", help="add to the runs already in --out")
     args = ap.parse_args(argv)
     rows = args.rows or ([1000] if args.quick else [10_000, 50_000, 200_000])
     trees = args.trees or (2 if args.quick else 10)
     kinds = args.triples or (["dealer"] if args.quick else ["dealer", "homomorphic"])
     slow: set[tuple[str, str]] = set()
     depth = args.depth or (3 if args.quick else 5)
-    runs: list[dict[str, Any]] = []
     out = Path(args.out)
+    runs: list[dict[str, Any]] = json.loads(out.read_text()) if args.append and out.exists() else []
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": "python benchmarks/boost.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="right")
     for r in runs:
         ts = r.get("time_split", {})
+        if "rows" not in r:
+            continue
         table.add_row(
             str(r["rows"]),
             r["algorithm"],
