@@ -111,7 +111,7 @@ def main() -> int:
         d = fuzz[name]
         refused = ", ".join(f"{k} {v}" for k, v in sorted(d["refused_by"].items(), key=lambda kv: -kv[1])[:3])
         t.add_row(name, str(d["cases"]), str(d["accepted"]), f"{d['refused']} ({refused})",
-                  str(d["crashes"]), f"{d['max_peak_bytes'] / 2**20:.1f} MiB", f"{d['max_seconds']:.3f}")
+                  str(d["crashes"]), f"{d['max_peak_bytes'] / 1024:.0f} KiB", f"{d['max_seconds']:.3f}")
     console.print(t)
     t = Table(title="faults injected per engine")
     for col in ("engine", "runs", "faults injected", "completed correctly", "failed cleanly", "bad"):
