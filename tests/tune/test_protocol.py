@@ -310,3 +310,42 @@ def test_ptuning_v2_trains_over_the_protocol(run_parties: Any) -> None:
     assert set(server["adapter"]) == {f"prefix.{i}_{kv}" for i in (1, 2, 3) for kv in ("key", "value")}
     # same full batch every step (12 examples, batch 12): loss goes down
     assert client["losses"][-1] < client["losses"][0] - 0.005
+
+
+def test_server_killed_after_an_unsealed_step_resumes_without_double_apply(tmp_path: Path) -> None:
+    """The enclave dies after applying step 5 but before sealing it (checkpoints every 2 steps):
+    the restarted enclave restores step 4 and the client re-sends step 4 onwards."""
+    from veil.testing import run_parties as rp
+
+    ckpt = tmp_path / "enclave.sealed"
+    steps = 6
+    s_full, c_full = rp(
+        lambda ch: parties.server_role(ch, "gpt2", 1),
+        lambda ch: parties.client_role(ch, "gpt2", 1, steps=steps),
+        transport="memory", timeout=120,
+    )
+
+    def dying_server(ch: Any) -> None:
+        tee = parties.make_enclave("gpt2", 1, checkpoint_every=2)
+        orig = tee.handle
+
+        def handle(frame: bytes) -> Any:
+            action = orig(frame)
+            if tee.step == 5:
+                raise RuntimeError("enclave host killed")
+            return action
+
+        tee.handle = handle  # type: ignore[method-assign]
+        serve_host(ch, tee, checkpoint_path=ckpt)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        rp(dying_server, lambda ch: parties.client_role(ch, "gpt2", 1, steps=steps), transport="memory", timeout=120)
+    s_res, c_res = rp(
+        lambda ch: parties.server_role(ch, "gpt2", 1, "lora", str(ckpt), 2),
+        lambda ch: parties.client_role(ch, "gpt2", 1, steps=steps),
+        transport="memory", timeout=120,
+    )
+    assert c_res["start"] == 4 and s_res["step"] == steps
+    np.testing.assert_allclose(c_res["losses"], c_full["losses"][4:], atol=1e-6)
+    for k, v in s_full["adapter"].items():
+        np.testing.assert_allclose(s_res["adapter"][k], v, atol=1e-6, rtol=0)
