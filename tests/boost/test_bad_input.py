@@ -165,3 +165,17 @@ def test_peer_unreachable_clear_error(tmp_path):
     with pytest.raises(ChannelError, match="could not connect"):
         open_channel("127.0.0.1:1", None, tmp_path / "me", other.fingerprint, timeout=2)
     assert time.monotonic() - t0 < 20
+
+
+def test_local_input_error_reaches_peer_at_once():
+    x = np.random.default_rng(0).random((30, 2))
+    s0, s1 = LocalDealer.pair()
+    t0 = time.monotonic()
+    seen = _both(
+        lambda ch: secure_train(ch, "active", x, np.full(30, 2.0), P, s0),
+        lambda ch: secure_train(ch, "passive", x, None, P, s1),
+        timeout=50,
+    )
+    assert isinstance(seen["a"], BoostInputError)
+    assert isinstance(seen["b"], PeerError) and "0 or 1" in str(seen["b"])
+    assert time.monotonic() - t0 < 25  # not the 50 s channel timeout

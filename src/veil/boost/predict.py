@@ -50,6 +50,18 @@ def secure_predict_margin(
     channel: Channel, model: PartyModel, x: F64, triples: TripleSource, *, reveal_to: str = "active"
 ) -> F64 | None:
     """Run the prediction protocol; the margins go to the active party (or ``both``), else None."""
+    from veil.boost.train import abort_peer
+
+    try:
+        return _secure_predict_margin(channel, model, x, triples, reveal_to=reveal_to)
+    except BaseException as exc:
+        abort_peer(channel, exc)
+        raise
+
+
+def _secure_predict_margin(
+    channel: Channel, model: PartyModel, x: F64, triples: TripleSource, *, reveal_to: str = "active"
+) -> F64 | None:
     x = as_float_matrix(x)
     if x.shape[1] != len(model.binner.cuts):
         raise BoostInputError(f"model expects {len(model.binner.cuts)} feature columns, got {x.shape[1]}")

@@ -173,6 +173,7 @@ def handshake(
         problems.append(f"both parties are {peer.role!r}: one must be active, the other passive")
     if peer.n_rows != n_rows:
         problems.append(f"row counts differ ({n_rows} here, {peer.n_rows} at the peer): align rows first")
+    problems += _limit_problems(peer.n_rows, peer.n_features)  # hardening (issue 9): VEIL_LIMIT_*
     if peer.params != pub:
         diff = sorted(k for k in set(pub) | set(peer.params) if pub.get(k) != peer.params.get(k))
         problems.append(f"parameters differ: {', '.join(diff)}")
@@ -190,6 +191,19 @@ def handshake(
     if len(mid) != 16:
         raise BoostProtocolError("malformed model id from the active party")
     return peer.n_features, mid, peer.has_missing
+
+
+def _limit_problems(n_rows: int, n_features: int) -> list[str]:
+    """Shared resource limits (veil.limits) on what the peer announces in its Hello."""
+    from veil.limits import get_limits
+
+    lim = get_limits()
+    out = []
+    if not 0 <= n_rows <= lim.max_rows:
+        out.append(f"peer announces {n_rows} rows, limit {lim.max_rows} (VEIL_LIMIT_MAX_ROWS)")
+    if not 0 <= n_features <= lim.max_features:
+        out.append(f"peer announces {n_features} features, limit {lim.max_features} (VEIL_LIMIT_MAX_FEATURES)")
+    return out
 
 
 def _interleave(left: U64, right: U64, axis: int) -> U64:
@@ -427,6 +441,41 @@ class _Trainer:
 
 
 def secure_train(
+    channel: Channel,
+    role: str,
+    x: F64,
+    y: F64 | None,
+    params: BoostParams,
+    triples: TripleSource,
+    **kwargs: Any,
+) -> TrainResult:
+    """Train as ``role`` ("active" with labels ``y``, or "passive") against the peer on ``channel``.
+
+    ``x`` are this party's feature columns, rows already aligned with the peer's. Keyword
+    arguments: ``feature_names``, ``valid`` = (features, labels or None) for early stopping,
+    ``frac_bits``, ``he_scheme``, ``he_key_bits``, ``he_backend``, ``progress(done, total)``.
+    On any failure the peer is told at once (``channel.abort``) so it does not wait for a timeout.
+    """
+    try:
+        return _secure_train(channel, role, x, y, params, triples, **kwargs)
+    except BaseException as exc:
+        abort_peer(channel, exc)
+        raise
+
+
+def abort_peer(channel: Channel, exc: BaseException) -> None:
+    """Best-effort: tell the peer we failed (not when the failure came from the peer)."""
+    from veil.errors import ChannelClosed, PeerError
+
+    if isinstance(exc, (PeerError, ChannelClosed)):
+        return
+    try:
+        channel.abort(f"{type(exc).__name__}: {exc}")
+    except Exception as err:
+        log.debug("could not abort the channel: %s", err)
+
+
+def _secure_train(
     channel: Channel,
     role: str,
     x: F64,

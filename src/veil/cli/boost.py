@@ -175,7 +175,7 @@ def train(
     early_stopping_rounds: int = typer.Option(None, "--early-stopping-rounds", help="Needs --valid."),
     out: Path = typer.Option(..., "--out", help="Where to write this party's model file."),
     summary_json: Path = typer.Option(None, "--summary-json", help="Also write the summary as JSON."),
-    timeout: float = typer.Option(120.0, "--timeout", help="Seconds any single wait may take."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds any single wait may take."),
 ) -> None:
     """Train a secure XGBoost model together with the peer; writes this party's half of the model."""
     kw = dict(locals())
@@ -335,7 +335,7 @@ def predict(
     dealer: str = typer.Option(None, "--dealer"),
     dealer_fingerprint: str = typer.Option(None, "--dealer-fingerprint"),
     out: Path = typer.Option(None, "--out", help="CSV of predictions (active party)."),
-    timeout: float = typer.Option(120.0, "--timeout"),
+    timeout: float = typer.Option(600.0, "--timeout"),
 ) -> None:
     """Secure prediction: the active party gets the scores; the passive party learns nothing."""
     kw = dict(locals())
