@@ -71,3 +71,21 @@ def test_tune_enclave_enforces_sequence_and_batch_limits(
 def test_limit_errors_are_veil_errors_with_exit_codes() -> None:
     assert issubclass(ResourceLimitError, VeilError)
     assert ResourceLimitError.exit_code != 0
+
+
+def test_boost_refuses_peer_above_shared_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from veil.boost.errors import BoostConfigError
+    from veil.boost.params import BoostParams
+    from veil.boost.train import secure_train
+    from veil.crypto.triples import LocalDealer
+    from veil.testing import run_parties
+
+    monkeypatch.setenv("VEIL_LIMIT_MAX_FEATURES", "3")
+    rng = np.random.default_rng(0)
+    xa, xp = rng.random((20, 2)), rng.random((20, 4))  # the passive party has 4 feature columns
+    y = (xa[:, 0] > 0.5).astype(float)
+    s0, s1 = LocalDealer.pair()
+    p = BoostParams(n_estimators=1, max_depth=2, max_bin=4)
+    with pytest.raises(BoostConfigError, match="VEIL_LIMIT_MAX_FEATURES"):
+        run_parties(lambda ch: secure_train(ch, "active", xa, y, p, s0),
+                    lambda ch: secure_train(ch, "passive", xp, None, p, s1), timeout=60)

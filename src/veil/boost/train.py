@@ -202,7 +202,9 @@ def _limit_problems(n_rows: int, n_features: int) -> list[str]:
     if not 0 <= n_rows <= lim.max_rows:
         out.append(f"peer announces {n_rows} rows, limit {lim.max_rows} (VEIL_LIMIT_MAX_ROWS)")
     if not 0 <= n_features <= lim.max_features:
-        out.append(f"peer announces {n_features} features, limit {lim.max_features} (VEIL_LIMIT_MAX_FEATURES)")
+        out.append(
+            f"peer announces {n_features} features, limit {lim.max_features} (VEIL_LIMIT_MAX_FEATURES)"
+        )
     return out
 
 
