@@ -176,6 +176,7 @@ def worker(
     tls: bool = typer.Option(
         False, "--tls", help="Serve HTTPS with the shared service identity from the KMS."
     ),
+    enclave_threads: int = typer.Option(1, help="Requests computed at once inside the enclave (TCS count)."),
     verbose: bool = typer.Option(False, "-v"),
 ) -> None:
     """Run one enclave worker: attest, fetch keys, decrypt the model in memory, serve KServe v2."""
@@ -197,6 +198,7 @@ def worker(
             attest_timeout_s=attest_timeout_s,
             debug_enclave=debug_enclave,
             tls=tls,
+            enclave_threads=enclave_threads,
         )
     )
 

@@ -75,6 +75,8 @@ class WorkerConfig(BaseModel):
     attest_timeout_s: float = Field(default=60.0, gt=0)
     trusted_signers: set[str] | None = None
     tls: bool = False
+    enclave_threads: int = Field(default=1, ge=1, le=256)
+    """Requests computed at once (SGX TCS count); others queue."""
     """Serve HTTPS with the shared service TLS identity released by the KMS (kept in memory)."""
 
 
@@ -351,6 +353,7 @@ def create_app(worker: Worker) -> FastPost:
             {"name": model, "ready": ok}, status_code=200 if ok else 404 if model != name else 503
         )
 
+    enclave_threads = asyncio.Semaphore(worker.cfg.enclave_threads)
     offload = worker.manifest.format == "hf-causal-lm"  # long compute: keep the event loop free
 
     async def _run(fn: Callable[[], tuple[bytes, int | None]], model: str) -> tuple[int, bytes, int | None]:
@@ -362,10 +365,13 @@ def create_app(worker: Worker) -> FastPost:
             _model(model)
             if not worker.ready or worker.e2e is None:
                 raise ServeError("worker not ready")
-            delay = worker.paging_delay()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            body, hl = await asyncio.to_thread(fn) if offload else fn()
+            # the enclave's threads (TCS) are the unit of concurrency: a request holds one while it
+            # pages (simulated EPC delay) and computes, so paging is not free concurrency
+            async with enclave_threads:
+                delay = worker.paging_delay()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                body, hl = await asyncio.to_thread(fn) if offload else fn()
             ok = True
             status = 200
         except (VeilError, ValueError) as exc:
