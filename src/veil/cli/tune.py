@@ -38,12 +38,21 @@ def run_cli(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _adapter_options(adapter: str, lora_r: int, lora_alpha: int, virtual_tokens: int) -> dict[str, Any]:
+def _adapter_options(
+    adapter: str,
+    lora_r: int,
+    lora_alpha: int,
+    virtual_tokens: int,
+    spf_ratio: float = 0.01,
+    spf_score: str = "l1",
+) -> dict[str, Any]:
     if adapter == "lora":
         return {"r": lora_r, "alpha": lora_alpha}
+    if adapter == "spf":
+        return {"r": lora_r, "alpha": lora_alpha, "ratio": spf_ratio, "score": spf_score}
     if adapter == "ptuning":
         return {"num_virtual_tokens": virtual_tokens}
-    raise ConfigError(f"unknown adapter {adapter!r}: choose lora or ptuning")
+    raise ConfigError(f"unknown adapter {adapter!r}: choose lora, ptuning or spf")
 
 
 def _model_id(model: str) -> str:
@@ -90,7 +99,7 @@ def _simulated_banner(simulated: bool) -> None:
 def server(
     model: str = typer.Option("smollm2", help="'smollm2' (packaged GGUF), a local HF dir or a .gguf file."),
     cut_layer: int = typer.Option(2, "--cut-layer", help="Layers 0..K-1 run at the client."),
-    adapter: str = typer.Option("lora", help="lora | ptuning"),
+    adapter: str = typer.Option("lora", help="lora | ptuning | spf (LoRA + sparse heads/FFN neurons)"),
     tee: str = typer.Option("simulated", help="TEE backend: simulated | gramine"),
     listen: str = typer.Option("127.0.0.1:50070", help="host:port to listen on."),
     identity: Path | None = typer.Option(None, help="This party's identity dir (veil keys init)."),
@@ -99,6 +108,8 @@ def server(
     lora_r: int = typer.Option(8, help="LoRA rank."),
     lora_alpha: int = typer.Option(16, help="LoRA alpha."),
     virtual_tokens: int = typer.Option(8, help="P-tuning v2 prefix length."),
+    spf_ratio: float = typer.Option(0.01, help="SPF: fraction of FFN neurons and attention heads trained."),
+    spf_score: str = typer.Option("l1", help="SPF importance: l1 | grad (first micro-batch)."),
     checkpoint: Path | None = typer.Option(None, help="Sealed checkpoint file (restored if present)."),
     checkpoint_every: int = typer.Option(
         10, help="Seal a checkpoint every N optimizer steps (0 = only at end)."
@@ -117,7 +128,7 @@ def server(
     from veil.tune.export import load_owner_public
 
     ident, peer_kw = _identity_and_peer(identity, peer)
-    opts = _adapter_options(adapter, lora_r, lora_alpha, virtual_tokens)
+    opts = _adapter_options(adapter, lora_r, lora_alpha, virtual_tokens, spf_ratio, spf_score)
     owner_pub = load_owner_public(owner_public_key) if owner_public_key else None
     if owner_pub is not None and export_out is None:
         raise ConfigError("--owner-public-key needs --export-out FILE")
@@ -177,6 +188,8 @@ def client(
     lora_r: int = typer.Option(8),
     lora_alpha: int = typer.Option(16),
     virtual_tokens: int = typer.Option(8),
+    spf_ratio: float = typer.Option(0.01),
+    spf_score: str = typer.Option("l1"),
     measurement: str | None = typer.Option(None, help="Expected enclave measurement (default: computed)."),
     allow_simulated: bool = typer.Option(False, help="Accept a SIMULATED enclave (development only)."),
     eval_examples: int = typer.Option(100, help="BBC test examples for accuracy before/after (0 = skip)."),
@@ -204,7 +217,7 @@ def client(
     if data != "bbc" and not Path(data).is_file():
         raise InputError(f"data file {data} does not exist (use 'bbc' or a JSONL of prompt/completion)")
     ident, peer_kw = _identity_and_peer(identity, peer)
-    opts = _adapter_options(adapter, lora_r, lora_alpha, virtual_tokens)
+    opts = _adapter_options(adapter, lora_r, lora_alpha, virtual_tokens, spf_ratio, spf_score)
     lm, tok = load_model_and_tokenizer(model)
     ctx = int(getattr(lm.config, "max_position_embeddings", 0) or 0) or None
     test: list[Any] = []
@@ -348,6 +361,8 @@ def export(
     lora_r: int = typer.Option(8),
     lora_alpha: int = typer.Option(16),
     virtual_tokens: int = typer.Option(8),
+    spf_ratio: float = typer.Option(0.01),
+    spf_score: str = typer.Option("l1"),
     merged: bool = typer.Option(False, help="Merged weights (LoRA folded in) instead of adapter only."),
 ) -> None:
     """Unseal a checkpoint inside the enclave and export it encrypted to the model owner."""
@@ -365,7 +380,7 @@ def export(
         adapter=adapter,
         model_id=_model_id(model),
         lr=lr,
-        adapter_options=_adapter_options(adapter, lora_r, lora_alpha, virtual_tokens),
+        adapter_options=_adapter_options(adapter, lora_r, lora_alpha, virtual_tokens, spf_ratio, spf_score),
         tee_backend=tee,
     )
     _simulated_banner(bool(t.enclave.simulated))
@@ -401,6 +416,8 @@ def measurement_cmd(
     lora_r: int = typer.Option(8),
     lora_alpha: int = typer.Option(16),
     virtual_tokens: int = typer.Option(8),
+    spf_ratio: float = typer.Option(0.01),
+    spf_score: str = typer.Option("l1"),
 ) -> None:
     """Print the enclave measurement a client should expect for this server configuration."""
     from veil.tune.enclave_server import expected_measurement
@@ -411,6 +428,8 @@ def measurement_cmd(
             cut_layer=cut_layer,
             adapter=adapter,
             lr=lr,
-            adapter_options=_adapter_options(adapter, lora_r, lora_alpha, virtual_tokens),
+            adapter_options=_adapter_options(
+                adapter, lora_r, lora_alpha, virtual_tokens, spf_ratio, spf_score
+            ),
         )
     )
