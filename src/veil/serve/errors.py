@@ -39,3 +39,24 @@ class UnknownKey(KMSError):
 
 
 _ = ConfigError  # re-exported for callers that import every serve error from here
+
+
+def openapi_error_responses() -> dict[int | str, dict[str, object]]:
+    """OpenAPI ``responses=`` for the error answers every veil.serve HTTP service may give."""
+    schema = {
+        "type": "object",
+        "properties": {"error": {"type": "string"}, "kind": {"type": "string"}},
+        "required": ["error"],
+    }
+    content = {"application/json": {"schema": schema}}
+    return {
+        400: {"description": "Bad input (a veil InputError / ProtocolError)", "content": content},
+        403: {
+            "description": "Refused: missing/wrong admin token, or attestation refused",
+            "content": content,
+        },
+        404: {"description": "Unknown model, key or replica", "content": content},
+        409: {"description": "Conflict (e.g. key id already registered)", "content": content},
+        413: {"description": "Request body too large", "content": content},
+        503: {"description": "No ready replica / worker not ready", "content": content},
+    }

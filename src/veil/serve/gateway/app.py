@@ -36,7 +36,7 @@ from veil.crypto.random import random_bytes
 from veil.errors import ConfigError
 from veil.serve.asgi import FastPost
 from veil.serve.e2e import E2E_CONTENT_TYPE
-from veil.serve.errors import ServeError
+from veil.serve.errors import ServeError, openapi_error_responses
 from veil.serve.gateway.router import NoReplicaAvailable, ReplicaState, Router
 
 __all__ = ["Gateway", "GatewayConfig", "create_app"]
@@ -313,6 +313,7 @@ def create_app(gw: Gateway) -> FastPost:
         version="1",
         lifespan=lifespan,
         description="Open Inference Protocol (KServe v2) gateway in front of attested enclave workers.",
+        responses=openapi_error_responses(),
     )
 
     def healthy() -> list[ReplicaState]:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from veil.comm import codec
 from veil.crypto.random import random_bytes
 from veil.errors import AttestationError, InputError, KMSError, ProtocolError, VeilError
-from veil.serve.errors import UnknownKey
+from veil.serve.errors import UnknownKey, openapi_error_responses
 from veil.serve.kms.store import KMSStore
 from veil.serve.kms.wire import (
     AuditEntry,
@@ -208,6 +208,7 @@ def create_app(service: KMSService) -> FastAPI:
         title="veil KMS",
         version="1",
         description="Releases model data keys and the shared service identity only to attested workers.",
+        responses=openapi_error_responses(),
     )
 
     @app.exception_handler(VeilError)

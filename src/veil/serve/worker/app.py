@@ -33,7 +33,13 @@ from veil.errors import AttestationError, KMSError, ProtocolError, VeilError
 from veil.serve import v2
 from veil.serve.asgi import FastPost
 from veil.serve.e2e import E2E_CONTENT_TYPE, ServerE2E, ServiceEvidence, identity_report_data
-from veil.serve.errors import InferenceInputError, ModelNotFound, PackageError, ServeError
+from veil.serve.errors import (
+    InferenceInputError,
+    ModelNotFound,
+    PackageError,
+    ServeError,
+    openapi_error_responses,
+)
 from veil.serve.kms.client import KMSClient
 from veil.serve.kms.wire import KeyRelease
 from veil.serve.package import Package, decrypt_payload, read_package
@@ -312,7 +318,7 @@ def _err(exc: Exception, status: int | None = None) -> JSONResponse:
 
 
 def create_app(worker: Worker) -> FastPost:
-    app = FastAPI(title="veil worker", version="1")
+    app = FastAPI(title="veil worker", version="1", responses=openapi_error_responses())
     name = worker.manifest.name
 
     def _model(model: str) -> None:
