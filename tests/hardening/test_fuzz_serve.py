@@ -101,13 +101,13 @@ def _run_schemathesis(name: str, base_url: str, headers: dict[str, str], *, exam
 
 def test_fuzz_schemathesis_kms(stack: Stack) -> None:
     failures = _run_schemathesis("kms.http (schemathesis)", stack.kms.url, ADMIN,
-                                 examples=max(5, FUZZ_EXAMPLES // 20))
+                                 examples=max(5, FUZZ_EXAMPLES // 40))
     assert not failures, "\n".join(failures)
 
 
 def test_fuzz_schemathesis_gateway(stack: Stack) -> None:
     failures = _run_schemathesis("gateway.http (schemathesis)", stack.gateway_srv.url, {},
-                                 examples=max(5, FUZZ_EXAMPLES // 20))
+                                 examples=max(5, FUZZ_EXAMPLES // 40))
     assert not failures, "\n".join(failures)
 
 
@@ -211,7 +211,7 @@ def v2_body(draw: st.DrawFn) -> tuple[bytes, int | None]:
     return head, None
 
 
-@fuzz_settings()
+@fuzz_settings(0.5)
 @given(body=v2_body())
 def test_fuzz_v2_request_decoder(body: tuple[bytes, int | None]) -> None:
     """The worker's KServe v2 parser (JSON + binary extension), in process: VeilError only."""
