@@ -252,6 +252,9 @@ def run(out_dir: Path, quick: bool, console: Console) -> ActResult:
                                        "\nTopic:", max_tokens=3)
                     llm_out = {"completion": comp, "seconds": time.perf_counter() - t0}
                 prog.update(t_llm, completed=1)
+                text = str(comp.get("choices", [{}])[0].get("text", "")).strip().splitlines()
+                prog.console.print(f"  · SmolLM2 + act-2 adapter in the enclave workers: 'Shares in the bank "
+                                   f"fell…  Topic:' -> {text[0] if text else ''!r}")
             # 4) a tampered worker asks the KMS for the key
             t_bad = prog.add_task("tampered worker asks the KMS for the key", total=1)
             tampered = _run_tampered_worker(work, pkg, cluster.kms_url)
@@ -325,8 +328,8 @@ def run(out_dir: Path, quick: bool, console: Console) -> ActResult:
         "served accuracy": round(result["served_acc"], 3),
         "tampered worker": "refused by the KMS (audited)",
     }
-    if llm is not None:
-        metrics["LLM + adapter"] = "served"
+    if llm is not None and result["llm"] is not None:
+        metrics["LLM + adapter"] = f"served ({result['llm']['seconds']:.1f} s / completion)"
     return ActResult(act=3, title=TITLE, ok=True, seconds=0.0, metrics=metrics,
                      artefacts=[str(js), str(png), *map(str, packages)], simulated_tee=True)
 
