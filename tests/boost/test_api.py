@@ -64,3 +64,12 @@ def test_classifier_predict_shapes_and_errors(tmp_path, cancer):
         SecureXGBClassifier("active", None, max_depth=0)  # type: ignore[arg-type]
     with pytest.raises(BoostConfigError, match="not fitted"):
         SecureXGBClassifier("active", None).predict(xte)  # type: ignore[arg-type]
+
+
+def test_auto_algorithm_follows_trust():
+    from veil.boost.api import resolve_algorithm
+
+    assert resolve_algorithm("auto", "homomorphic") == "he-agg"
+    s0, _ = LocalDealer.pair()
+    assert resolve_algorithm("auto", s0) == "ss-agg"
+    assert resolve_algorithm("ss-agg", "homomorphic") == "ss-agg"

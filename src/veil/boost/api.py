@@ -65,6 +65,15 @@ def align_rows(channel: Channel, ids: Sequence[Any], role: str) -> list[int]:
     return pos
 
 
+def resolve_algorithm(algorithm: str, triples: str | TripleSource) -> str:
+    """``auto``: ``he-agg`` with dealer-free triples (``ss-agg``'s masked bucket-matrix correlation
+    is infeasible without a dealer), ``ss-agg`` with a trusted dealer."""
+    if algorithm != "auto":
+        return algorithm
+    trust = triples if isinstance(triples, str) else str(getattr(triples, "trust", ""))
+    return "he-agg" if trust.startswith("homomorphic") else "ss-agg"
+
+
 class _SecureXGBBase:
     objective = "reg:squarederror"
 
@@ -74,7 +83,7 @@ class _SecureXGBBase:
         channel: Channel,
         *,
         triples: str | TripleSource = "homomorphic",
-        algorithm: str = "ss-agg",
+        algorithm: str = "auto",
         n_estimators: int = 10,
         max_depth: int = 5,
         learning_rate: float = 0.3,
@@ -112,7 +121,7 @@ class _SecureXGBBase:
             colsample_bytree=colsample_bytree,
             base_score=base_score,
             early_stopping_rounds=early_stopping_rounds,
-            algorithm=algorithm,
+            algorithm=resolve_algorithm(algorithm, triples),
             seed=seed,
         ).validate()
         self.frac_bits = frac_bits

@@ -153,7 +153,9 @@ def train(
     peer_fingerprint: str = typer.Option(
         ..., "--peer-fingerprint", help="The peer's certificate fingerprint."
     ),
-    algorithm: str = typer.Option("ss-agg", "--algorithm", help="he-agg or ss-agg."),
+    algorithm: str = typer.Option(
+        "auto", "--algorithm", help="he-agg, ss-agg, or auto (he-agg dealer-free, ss-agg with a dealer)."
+    ),
     triples: str = typer.Option("homomorphic", "--triples", help="homomorphic (dealer-free) or dealer."),
     dealer: str = typer.Option(None, "--dealer", help="Trusted dealer HOST:PORT (with --triples dealer)."),
     dealer_fingerprint: str = typer.Option(None, "--dealer-fingerprint", help="The dealer's fingerprint."),
@@ -220,6 +222,9 @@ def _train(**kw: Any) -> None:
             TimeElapsedColumn(),
             console=console,
         ) as prog:
+            from veil.boost.api import resolve_algorithm
+
+            kw["algorithm"] = resolve_algorithm(kw["algorithm"], src)
             task = prog.add_task(
                 f"({role}, {kw['algorithm']}, triples={src.trust})", total=kw["n_estimators"]
             )
