@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from veil.crypto.random import random_bytes
 from veil.errors import ConfigError
@@ -316,6 +317,15 @@ def create_app(gw: Gateway) -> FastPost:
         responses=openapi_error_responses(),
     )
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # hardening (issue 9): framework errors (e.g. an unparsable JSON body -> 400) use the
+        # declared error schema {"error", "kind"} instead of FastAPI's {"detail"}
+        return JSONResponse(
+            {"error": str(exc.detail), "kind": "HTTPException"}, status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
     def healthy() -> list[ReplicaState]:
         return [r for r in gw.router.replicas.values() if r.healthy]
 
@@ -326,7 +336,8 @@ def create_app(gw: Gateway) -> FastPost:
     @app.get("/v2/health/ready")
     async def ready() -> Response:
         ok = bool(healthy())
-        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+        body: dict[str, Any] = {"ready": ok} if ok else {"ready": ok, "error": "no healthy replica"}
+        return JSONResponse(body, status_code=200 if ok else 503)  # hardening: declared error schema
 
     @app.get("/v2")
     async def server_meta() -> dict[str, Any]:
@@ -339,7 +350,10 @@ def create_app(gw: Gateway) -> FastPost:
     @app.get("/v2/models/{model}/ready")
     async def model_ready(model: str) -> Response:
         ok = any(model in r.models for r in healthy())
-        return JSONResponse({"name": model, "ready": ok}, status_code=200 if ok else 404)
+        doc: dict[str, Any] = {"name": model, "ready": ok}
+        if not ok:  # hardening (issue 9): the 404 body follows the declared error schema
+            doc["error"] = f"model {model[:128]!r} is not ready on any replica"
+        return JSONResponse(doc, status_code=200 if ok else 404)
 
     @app.post("/v2/models/{model}/infer")
     async def infer(model: str, request: Request) -> Response:

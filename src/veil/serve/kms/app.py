@@ -29,6 +29,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from veil.comm import codec
 from veil.crypto.random import random_bytes
@@ -221,6 +222,15 @@ def create_app(service: KMSService) -> FastAPI:
             else (409 if isinstance(exc, KMSError) else 400)
         )
         return JSONResponse({"error": str(exc), "kind": type(exc).__name__}, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # hardening (issue 9): framework errors (e.g. an unparsable JSON body -> 400) use the
+        # declared error schema {"error", "kind"} instead of FastAPI's {"detail"}
+        return JSONResponse(
+            {"error": str(exc.detail), "kind": "HTTPException"}, status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     def peer(request: Request) -> str:
         return request.client.host if request.client else ""
