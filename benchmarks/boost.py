@@ -194,6 +194,54 @@ def run_one(
     return run
 
 
+def binning_check(rows: int, trees: int, depth: int, max_bins: list[int]) -> list[dict[str, Any]]:
+    """AUC of the plaintext reference (our binning + our tree rules) vs xgboost per max_bin."""
+    import xgboost as xgb
+    from sklearn.metrics import roc_auc_score
+
+    from veil.boost.binning import QuantileBinner
+    from veil.boost.reference import train_reference
+
+    xtr, xte, ytr, yte = make_data(rows)
+    cols = (slice(0, 20), slice(20, 40))
+    out = []
+    for mb in max_bins:
+        params = BoostParams(n_estimators=trees, max_depth=depth, max_bin=mb)
+        binners = [QuantileBinner(mb).fit(xtr[:, c]) for c in cols]
+        t0 = time.perf_counter()
+        model = train_reference(
+            [b.transform(xtr[:, c]) for b, c in zip(binners, cols, strict=True)], ytr, params
+        )
+        secs = time.perf_counter() - t0
+        margin = model.predict_margin_bins(
+            [b.transform(xte[:, c]) for b, c in zip(binners, cols, strict=True)], mb
+        )
+        m = xgb.XGBClassifier(
+            n_estimators=trees,
+            max_depth=depth,
+            learning_rate=params.learning_rate,
+            max_bin=mb,
+            tree_method="hist",
+            base_score=float(ytr.mean()),
+            n_jobs=2,
+        ).fit(xtr, ytr)
+        out.append(
+            {
+                "rows": rows,
+                "algorithm": "plaintext-reference",
+                "triples": "-",
+                "n_estimators": trees,
+                "max_depth": depth,
+                "max_bin": mb,
+                "status": "binning check (not secure: both parties' columns)",
+                "seconds_reference": round(secs, 2),
+                "auc_reference": round(float(roc_auc_score(yte, margin)), 5),
+                "auc_xgboost": round(float(roc_auc_score(yte, m.predict_proba(xte)[:, 1])), 5),
+            }
+        )
+    return out
+
+
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -255,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "boost.json"))
     ap.add_argument("--append", action="store_true", help="add to the runs already in --out")
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out and exit")
+    ap.add_argument(
+        "--binning-check",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="MAX_BIN",
+        help="append plaintext-reference vs xgboost AUC for these max_bin values and exit",
+    )
     args = ap.parse_args(argv)
     rows = args.rows or ([1000] if args.quick else [10_000, 50_000, 200_000])
     trees = args.trees or (2 if args.quick else 10)
@@ -266,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
         return 0
     runs: list[dict[str, Any]] = json.loads(out.read_text()) if args.append and out.exists() else []
+    if args.binning_check is not None:
+        for n in args.rows or [10_000]:
+            runs += binning_check(n, args.trees or 10, args.depth or 5, args.binning_check or [16, 32, 64])
+        out.write_text(json.dumps(runs, indent=1))
+        console.print(runs[-3:])
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": "python benchmarks/boost.py " + " ".join(sys.argv[1:] if argv is None else argv),
