@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True, scope="module")
 def _veil_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    # session-wide (cluster processes inherit it): a private simulated platform key and EPC registry
+    # per test module, restored afterwards (cluster processes inherit it): a private simulated
+    # platform key (same directory for every module) and EPC registry
     home = tmp_path_factory.getbasetemp() / "veil-serve-home"
     home.mkdir(exist_ok=True, mode=0o700)
     saved = {k: os.environ.get(k) for k in ("VEIL_HOME", "VEIL_SIM_EPC_DIR")}

@@ -180,7 +180,10 @@ def decode_request(body: bytes, header_length: int | None) -> InferRequest:
         raise InferenceInputError("trailing bytes after the binary tensors")
     outs: list[str] = []
     binary: set[str] = set()
-    for o in doc.get("outputs") or []:
+    req_outputs = doc.get("outputs") or []
+    if not isinstance(req_outputs, list) or len(req_outputs) > MAX_INPUTS:
+        raise InferenceInputError("'outputs' must be a list of {'name': ...} objects")
+    for o in req_outputs:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise InferenceInputError("every requested output needs a 'name'")
         outs.append(o["name"])
