@@ -282,7 +282,7 @@ def create_app(service: KMSService) -> FastAPI:
     def audit(
         limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
         outcome: Annotated[str | None, Query(pattern=r"^(released|refused|ok)$")] = None,
-        since_id: Annotated[int, Query(ge=0)] = 0,
+        since_id: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,  # hardening: SQLite INTEGER range
     ) -> list[AuditEntry]:
         return service.store.audit_log(limit=limit, outcome=outcome, since_id=since_id)
 
