@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--attack-private", type=int, default=32, help="private examples attacked")
     a = p.parse_args(argv)
-    a.out = a.out or RESULTS / ("tune_methods.json" if a.table else "tune.json")
+    a.out = a.out or RESULTS / ("tune_table.json" if a.table else "tune.json")
     a.steps = a.steps or (10 if a.quick else 150)
     a.eval = a.eval or (30 if a.quick else 300)
     a.timing_steps = a.timing_steps or (3 if a.quick else 20)
