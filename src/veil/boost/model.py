@@ -15,13 +15,13 @@ import hashlib
 import hmac
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from veil.atomic import atomic_write_bytes
 from veil.boost.binning import QuantileBinner
 from veil.boost.tree import SplitInfo
 from veil.errors import IntegrityError
@@ -164,21 +164,7 @@ def save_model(model: PartyModel, path: str | os.PathLike[str], *, key: bytes | 
     target.parent.mkdir(parents=True, exist_ok=True)
     body = model.to_json_obj()
     doc = {"body": body, "integrity": _tag(body, _key(key))}
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(json.dumps(doc, indent=1).encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(str(target.parent), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write_bytes(target, json.dumps(doc, indent=1).encode(), mode=0o600)
     return target
 
 

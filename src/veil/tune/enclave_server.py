@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from veil.atomic import atomic_write_bytes
 from veil.comm.codec import Codec, Message
 from veil.errors import (
     ChannelClosed,
@@ -438,17 +437,7 @@ def _safetensors_metadata(raw: bytes) -> dict[str, str]:
 
 def write_checkpoint(path: Path, blob: bytes) -> None:
     """Atomically replace ``path`` with ``blob`` (the host stores only sealed bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, blob, mode=0o600)
 
 
 def read_checkpoint(path: Path) -> bytes | None:
