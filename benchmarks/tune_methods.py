@@ -7,7 +7,7 @@ plus the embedding-inversion attack table (token recovery rate on plaintext acti
 cut layers 1, 2, 5, 10 versus what veil's untrusted host sees). Every TEE here is SIMULATED.
 
     python benchmarks/tune_methods.py --quick      # <= 10 min on 2 cores
-    python benchmarks/tune.py --table              # same thing, via the tune benchmark
+    python benchmarks/tune.py --table              # same thing: tune.py delegates here
 
 Writes benchmarks/results/tune_methods.json and tune_methods.png.
 """
