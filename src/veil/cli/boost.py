@@ -35,7 +35,7 @@ ROLE_HELP = "active = holds the labels; passive = holds only features."
 
 
 def _run(fn: Callable[[], Any]) -> Any:
-    from veil.cli.main import run_cli
+    from veil.cli.common import run_cli
 
     return run_cli(fn)()
 

@@ -13,7 +13,9 @@ def demo(
     act: list[int] = typer.Option(
         [], "--act", help="Run only this act (1, 2 or 3); repeat for several. Default: all three."
     ),
-    quick: bool = typer.Option(False, "--quick", help="Smaller data and fewer steps (about 8 minutes on a loaded 2-core machine)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Smaller data and fewer steps (about 8 minutes on a loaded 2-core machine)."
+    ),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the JSON summary and PNG plots."),
 ) -> None:
     """Run the three-act demo: secure XGBoost, split fine-tuning, confidential serving.

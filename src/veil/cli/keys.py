@@ -18,7 +18,7 @@ app = typer.Typer(
 
 def _run(fn: Callable[[], Any]) -> Any:
     # imported at call time: veil.cli.main imports this module while it is being built
-    from veil.cli.main import run_cli
+    from veil.cli.common import run_cli
 
     return run_cli(fn)()
 

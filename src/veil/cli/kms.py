@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from veil.errors import VeilError
+from veil.cli.common import run_cli
 
 app = typer.Typer(
     name="kms",
@@ -19,18 +17,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-
-def _cli(fn: Any) -> Any:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except VeilError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
 
 
 def _token(token: str, token_file: Path | None) -> str:
@@ -49,7 +35,7 @@ def _token(token: str, token_file: Path | None) -> str:
 
 
 @app.command("serve")
-@_cli
+@run_cli
 def serve(
     listen: str = typer.Option("127.0.0.1:8700", help="HOST:PORT."),
     state: Path = typer.Option(..., "--state", help="State directory (sealed SQLite)."),
@@ -112,7 +98,7 @@ def serve(
 
 
 @app.command("register-key")
-@_cli
+@run_cli
 def register_key(
     key_file: Path = typer.Argument(..., help="Key file written by `veil serve package`."),
     kms: str = typer.Option(..., "--kms"),
@@ -131,7 +117,7 @@ def register_key(
 
 
 @app.command("retire")
-@_cli
+@run_cli
 def retire(
     key_id: str = typer.Argument(...),
     kms: str = typer.Option(..., "--kms"),
@@ -147,7 +133,7 @@ def retire(
 
 
 @app.command("audit")
-@_cli
+@run_cli
 def audit(
     kms: str = typer.Option(..., "--kms"),
     admin_token: str = typer.Option("", envvar="VEIL_KMS_ADMIN_TOKEN"),

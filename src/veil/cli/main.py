@@ -33,21 +33,6 @@ _GROUPS: list[tuple[str, str, str]] = [
 ]
 
 
-def run_cli(fn: Any) -> Any:
-    """Decorator for command functions: VeilError -> one clear line + exit code, no traceback."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except VeilError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
-
-
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"veil {__version__}")

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from veil.errors import VeilError
+from veil.cli.common import run_cli
 
 app = typer.Typer(
     name="serve",
@@ -20,20 +18,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-
-def _cli(fn: Any) -> Any:
-    """VeilError -> one line + exit code (same as veil.cli.main.run_cli, without importing every engine)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except VeilError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
 
 
 def _logging(verbose: bool = False) -> None:
@@ -56,7 +40,7 @@ def _read_token(path: Path | None) -> str | None:
 
 
 @app.command("package")
-@_cli
+@run_cli
 def package(
     model: Path = typer.Argument(
         ..., help="ONNX file, XGBoost JSON model, or Hugging Face causal LM directory."
@@ -105,7 +89,7 @@ def package(
 
 
 @app.command("inspect")
-@_cli
+@run_cli
 def inspect(package_path: Path = typer.Argument(..., help="Package to verify and describe.")) -> None:
     """Verify a package's structure and signature and print its manifest (nothing is decrypted)."""
     from veil.serve.package import read_package
@@ -115,7 +99,7 @@ def inspect(package_path: Path = typer.Argument(..., help="Package to verify and
 
 
 @app.command("measurement")
-@_cli
+@run_cli
 def measurement() -> None:
     """Print the (simulated-backend) measurement of this worker build, for KMS policies."""
     from veil.serve.worker.app import worker_measurement
@@ -124,7 +108,7 @@ def measurement() -> None:
 
 
 @app.command("gramine-manifest")
-@_cli
+@run_cli
 def gramine_manifest(
     package: Path = typer.Option(..., help="Encrypted model package the worker will serve (a trusted file)."),
     out: Path = typer.Option(Path("veil-worker.manifest.template"), help="Manifest template to write."),
@@ -160,7 +144,7 @@ def gramine_manifest(
 
 
 @app.command("worker")
-@_cli
+@run_cli
 def worker(
     package: Path = typer.Option(..., help="Encrypted model package."),
     kms: str = typer.Option(..., "--kms", help="KMS URL."),
@@ -204,7 +188,7 @@ def worker(
 
 
 @app.command("gateway")
-@_cli
+@run_cli
 def gateway(
     worker_urls: list[str] = typer.Option([], "--worker", help="Worker URL (repeat)."),
     listen: str = typer.Option("127.0.0.1:8080", help="HOST:PORT."),
@@ -238,7 +222,7 @@ def gateway(
 
 
 @app.command("up")
-@_cli
+@run_cli
 def up(
     model: list[Path] = typer.Option(..., "--model", help="Package(s) to serve (repeat)."),
     workers: int = typer.Option(3, help="Worker replicas per model."),
@@ -298,7 +282,7 @@ def up(
 
 
 @app.command("load")
-@_cli
+@run_cli
 def load(
     url: str = typer.Option("http://127.0.0.1:8080", help="Gateway URL (loopback only)."),
     model: str = typer.Option(..., help="Model name to call (/v2/models/NAME/infer)."),

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from veil.errors import ConfigError, InputError, VeilError
+from veil.cli.common import run_cli
+from veil.errors import ConfigError, InputError
 
 app = typer.Typer(
     name="tune",
@@ -21,21 +20,6 @@ app = typer.Typer(
 )
 
 log = logging.getLogger("veil.tune")
-
-
-def run_cli(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """VeilError -> one clear line + its exit code (same as ``veil.cli.main.run_cli``, which
-    cannot be imported here at import time: ``veil.cli.main`` imports this module)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except VeilError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
 
 
 def _adapter_options(
