@@ -204,3 +204,43 @@ def test_tune_replaying_a_whole_old_session_is_refused(reference: dict[str, Any]
     assert isinstance(res["client"], VeilError)
     assert _checkpoint_ok(tmp_path / "b.sealed") is None
     ADVERSARIAL["tune client: replay whole old session"] = "refused"
+
+
+# ------------------------------------------------------------------------- sessions per client
+
+
+def _limited_server(limiter: Any) -> Any:
+    def server(ch: Any, ckpt: Path) -> Any:
+        from veil.tune.enclave_server import serve_host
+
+        tee = parties.make_enclave(FAMILY, CUT)
+        return serve_host(ch, tee, idle_timeout=ch.default_timeout, sessions=limiter, client_id="client-a")
+
+    return server
+
+
+def test_tune_sessions_per_client_over_the_limit_are_refused(
+    reference: dict[str, Any], tmp_path: Path
+) -> None:
+    """client-a already holds its one allowed session: the next is aborted before the key exchange."""
+    from veil.errors import PeerError, ResourceLimitError
+    from veil.limits import SessionLimiter
+
+    limiter = SessionLimiter(max_per_client=1)
+    limiter.acquire("client-a")  # the session client-a has open elsewhere
+    res = _run(lambda c: c, lambda c: c, tmp_path / "c.sealed", timeout=20, server=_limited_server(limiter))
+    assert isinstance(res["server"], ResourceLimitError), res["server"]
+    assert "MAX_CONCURRENT_SESSIONS_PER_CLIENT" in str(res["server"])
+    assert isinstance(res["client"], PeerError) and "open sessions" in str(res["client"]), res["client"]
+    assert limiter.open_sessions("client-a") == 1  # the refused session took no slot
+
+
+def test_tune_sessions_per_client_under_the_limit_run(reference: dict[str, Any], tmp_path: Path) -> None:
+    from veil.limits import SessionLimiter
+
+    limiter = SessionLimiter(max_per_client=2)
+    limiter.acquire("client-a")
+    res = _run(lambda c: c, lambda c: c, tmp_path / "c.sealed", timeout=20, server=_limited_server(limiter))
+    assert res["server"] == STEPS and res["client"]["final"] == STEPS
+    assert res["client"]["losses"] == pytest.approx(reference["client"]["losses"], rel=1e-5, abs=1e-6)
+    assert limiter.open_sessions("client-a") == 1  # released when the session ended

@@ -17,6 +17,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,10 @@ from veil.errors import (
     IntegrityError,
     PeerError,
     ProtocolError,
+    ResourceLimitError,
     VeilError,
 )
+from veil.limits import SessionLimiter
 from veil.tee import AttestedOffer, Enclave, EnclaveKeyExchange, KexFinish, KexRequest
 from veil.tune.adapters import ServerAdapter
 from veil.tune.messages import (
@@ -454,13 +457,44 @@ def serve_host(
     checkpoint_path: Path | None = None,
     observe: HostObserver | None = None,
     idle_timeout: float | None = None,
+    sessions: SessionLimiter | None = None,
+    client_id: str | None = None,
 ) -> int:
     """The untrusted host loop for one client connection; returns the enclave's final step.
 
     ``observe(direction, message)`` sees every message the host handles (for audits/tests).
     A frame the enclave rejects (tamper/replay) aborts the connection with a clear reason.
+    Hardening (issue 9): at most ``VEIL_LIMIT_MAX_CONCURRENT_SESSIONS_PER_CLIENT`` sessions per
+    client (``client_id``, else the channel's pinned peer fingerprint) run at once in this
+    process (``sessions``: another :class:`SessionLimiter`); one more is aborted with the
+    ResourceLimitError's message before the key exchange.
     """
+    client = client_id or str(getattr(channel, "peer_fingerprint", "") or "anonymous")
+    limiter = sessions if sessions is not None else _host_sessions()
+    try:
+        limiter.acquire(client)
+    except ResourceLimitError as e:
+        channel.abort(str(e))
+        raise
+    try:
+        return _serve_session(channel, tee, checkpoint_path, observe, idle_timeout)
+    finally:
+        limiter.release(client)
 
+
+@lru_cache(maxsize=1)
+def _host_sessions() -> SessionLimiter:
+    """This process's limiter of tune sessions per client (from veil.limits)."""
+    return SessionLimiter()
+
+
+def _serve_session(
+    channel: Any,
+    tee: TuneEnclave,
+    checkpoint_path: Path | None,
+    observe: HostObserver | None,
+    idle_timeout: float | None,
+) -> int:
     def seen(direction: str, msg: Any) -> Any:
         if observe is not None:
             observe(direction, msg)
