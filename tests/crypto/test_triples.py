@@ -322,3 +322,63 @@ def test_pure_he_mode_uses_no_ot() -> None:
     np.testing.assert_allclose(sq, x * x, atol=1e-4)
     np.testing.assert_array_equal(neg, (x < 0).astype(np.uint64))
     assert no_ot
+
+
+def test_reciprocal_div_sigmoid_dealer_free_equal_plaintext() -> None:
+    """The OT path of reciprocal/div (XOR-shared normaliser bits used directly by bit x value
+    OTs) gives the same error bounds as the dealer path, on values at every power of two."""
+    kp = he.keygen(scheme="ou", key_bits=1024, backend="heu" if "heu" in he.available_backends() else None)
+    rng = np.random.default_rng(15)
+    edges = np.array([2.0**k for k in range(-8, 16)])
+    x = np.concatenate([np.exp(rng.uniform(np.log(2.0**-8), np.log(60000), 150)), edges,
+                        edges - 2.0**-20, [2.0**-8 + 2.0**-20]])
+    x = x[(x >= 2.0**-8) & (x < 2.0**16)]
+    a = rng.uniform(-500, 500, x.size)
+    z = np.linspace(-40, 40, x.size)
+    xs, as_, zs = share_floats(x, FXP), share_floats(a, FXP), share_floats(z, FXP)
+
+    def role(p: int) -> Any:
+        def f(ch: Channel) -> Any:
+            src = HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, timeout=60)
+            mpc = MPC(ch, p, src, FXP, timeout=60)
+            return (mpc.reveal_float(mpc.reciprocal(xs[p])), mpc.reveal_float(mpc.div(as_[p], xs[p])),
+                    mpc.reveal_float(mpc.sigmoid(zs[p])))
+
+        return f
+
+    (rec, dv, sg), _ = run_parties(role(0), role(1), timeout=300)
+    ulp = 2.0**-20
+    np.testing.assert_allclose(rec, 1 / x, rtol=1e-4, atol=8 * ulp)
+    np.testing.assert_allclose(dv, a / x, rtol=1e-4, atol=8 * ulp)
+    assert np.max(np.abs(sg - 1 / (1 + np.exp(-z)))) < 2e-4
+
+
+@pytest.mark.parametrize("dealer", [True, False])
+def test_bit_window_and_suffix_or(dealer: bool) -> None:
+    """Bits lo..hi-1 of x0 + x1 (wrapping carries included) and their suffix OR, exactly."""
+    rng = np.random.default_rng(16)
+    x = np.concatenate([rng.integers(0, 2**63, 200, dtype=np.uint64),
+                        np.array([0, 1, 2**20 - 1, 2**20, 2**34 - 1, 2**64 - 1], dtype=np.uint64)])
+    x0, x1 = share(x)
+    kp = None if dealer else he.keygen(scheme="ou", key_bits=1024,
+                                       backend="heu" if "heu" in he.available_backends() else None)
+    d = LocalDealer.pair() if dealer else (None, None)
+
+    def role(p: int, xs: Any) -> Any:
+        def f(ch: Channel) -> Any:
+            src = d[p] if dealer else HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, timeout=60)
+            mpc = MPC(ch, p, src, FXP, timeout=60)
+            out = []
+            for lo, hi in ((0, 1), (0, 7), (20, 34), (5, 64), (63, 64)):
+                bits = mpc._bit_window(np.asarray(xs, dtype=np.uint64), lo, hi)
+                out.append((bits, mpc._suffix_or(bits)))
+            return out
+
+        return f
+
+    r0, r1 = run_parties(role(0, x0), role(1, x1), timeout=300)
+    for (lo, hi), (b0, s0), (b1, s1) in zip(((0, 1), (0, 7), (20, 34), (5, 64), (63, 64)), r0, r1, strict=True):
+        want = np.array([[(int(v) >> i) & 1 for v in x] for i in range(lo, hi)], dtype=np.uint8)
+        np.testing.assert_array_equal(b0 ^ b1, want)
+        suffix = np.flip(np.maximum.accumulate(np.flip(want, axis=0), axis=0), axis=0)
+        np.testing.assert_array_equal(s0 ^ s1, suffix)
