@@ -102,6 +102,14 @@ def run(out_dir: Path, quick: bool, console: Console) -> ActResult:
     from veil.tune.split import client_part
 
     t_start = time.perf_counter()
+    phases: dict[str, float] = {}
+    mark = [t_start]
+
+    def lap(name: str) -> None:  # seconds spent in each phase, reported in act2.json
+        now = time.perf_counter()
+        phases[name] = round(now - mark[0], 2)
+        mark[0] = now
+
     s = _settings(quick)
     hf_logging.set_verbosity_error()
     logging.getLogger("veil.tune").setLevel(logging.WARNING)
@@ -122,6 +130,7 @@ def run(out_dir: Path, quick: bool, console: Console) -> ActResult:
         prog.update(t_load, completed=1)
         if not quick:  # the untouched base model as safetensors, for act 3 to serve with the adapter
             save_base_model(lm, tok, out_dir / "base-hf")
+        lap("load_model_and_data")
 
         opts = {"r": s["lora_r"], "alpha": s["lora_alpha"]}
         t_enc = prog.add_task(f"build the server enclave (layers {CUT}..{n_layers - 1} + LoRA, SIMULATED)",
@@ -168,8 +177,10 @@ def run(out_dir: Path, quick: bool, console: Console) -> ActResult:
                 f"{'[yellow]SIMULATED[/yellow]' if info.simulated else 'hardware'} TEE; session keys agreed"
             )
             t_eval = prog.add_task("accuracy before fine-tuning (through the split)", total=1)
+            lap("enclave_and_attestation")
             acc_before = evaluate_classification(client.score, test_enc, labels, pad_id=pad)
             prog.update(t_eval, completed=1)
+            lap("eval_before")
             t_train = prog.add_task(
                 f"LoRA steps (client: layers 0..{CUT - 1} | enclave: {CUT}..{n_layers - 1})", total=s["steps"]
             )
@@ -178,9 +189,11 @@ def run(out_dir: Path, quick: bool, console: Console) -> ActResult:
                 max_steps=s["steps"], bytes_sent=lambda: client.bytes_sent,
                 on_step=lambda rec, total: prog.update(t_train, completed=rec.step + 1, total=total),
             )
+            lap("train")
             t_eval2 = prog.add_task("accuracy after fine-tuning", total=1)
             acc_after = evaluate_classification(client.score, test_enc, labels, pad_id=pad)
             prog.update(t_eval2, completed=1)
+            lap("eval_after")
             bytes_sent, bytes_received = client.bytes_sent, client.bytes_received
             final_step = client.finish(checkpoint=False)
         finally:
@@ -200,6 +213,7 @@ def run(out_dir: Path, quick: bool, console: Console) -> ActResult:
         export_file.write_bytes(blob)
         adapter_dir = out_dir / "adapter"
         meta = write_export_dir(blob, load_owner_private(owner_dir), adapter_dir)
+        lap("export")
 
     png = out_dir / "act2_loss.png"
     _plot(png, hist.losses, acc_before, acc_after)
@@ -224,6 +238,7 @@ def run(out_dir: Path, quick: bool, console: Console) -> ActResult:
         "transport": "gRPC + mutual TLS on 127.0.0.1; AES-256-GCM frames of the attested session",
         "export": {"file": str(export_file), "adapter_dir": str(adapter_dir), "meta": meta},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "phases_s": phases, "load_average": list(os.getloadavg()),
         "wall_s": time.perf_counter() - t_start,
     }
     js = write_json(out_dir / "act2.json", summary)
