@@ -33,7 +33,7 @@ from veil.crypto.mpc_ring import ring_matmul
 from veil.crypto.random import random_int_array
 from veil.crypto.sharing import AShare
 
-__all__ = ["HEAggregator", "SSAggregator", "onehot_bucket_sums"]
+__all__ = ["HEAggregator", "OneHotSums", "SSAggregator", "onehot_bucket_sums"]
 
 U64 = npt.NDArray[np.uint64]
 I32 = npt.NDArray[np.int32]
@@ -42,21 +42,38 @@ _CHUNK = 1 << 22
 STAT_BITS = 40
 
 
+class OneHotSums:
+    """``M^T x mod 2^64`` for the one-hot bucket matrix ``M`` of ``bins`` (n, F) in [0, n_bins).
+
+    Each feature's row order by bin is computed once; a product is then, per feature, one
+    gather of the (transposed, contiguous) columns of ``x`` and one ``np.add.reduceat``
+    (50,000 rows x 20 features x 16 columns: 0.12 s, versus 0.5 s with a sort per call).
+    """
+
+    def __init__(self, bins: I32, n_bins: int) -> None:
+        self.n, feats = bins.shape
+        self.n_bins = n_bins
+        self.k = feats * n_bins
+        self.orders = [np.argsort(bins[:, f], kind="stable") for f in range(feats)]
+        self.groups: list[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]] = []
+        for f in range(feats):
+            counts = np.bincount(bins[:, f], minlength=n_bins)
+            nz = np.nonzero(counts)[0]
+            self.groups.append((f * n_bins + nz, (np.cumsum(counts) - counts)[nz]))
+
+    def __call__(self, x: U64) -> U64:
+        """(n, c) -> (F * n_bins, c)."""
+        out = np.zeros((self.k, x.shape[1]), dtype=np.uint64)
+        xt = np.ascontiguousarray(x.T)
+        for order, (cols, starts) in zip(self.orders, self.groups, strict=True):
+            if cols.size:
+                out[cols] = np.add.reduceat(xt[:, order], starts, axis=1).T
+        return out
+
+
 def onehot_bucket_sums(bins: I32, n_bins: int, x: U64) -> U64:
     """``M^T x mod 2^64`` for the one-hot matrix of ``bins`` (n, F) and ``x`` (n, c)."""
-    _, feats = bins.shape
-    c = x.shape[1]
-    out = np.zeros((feats * n_bins, c), dtype=np.uint64)
-    for f in range(feats):
-        col = bins[:, f]
-        order = np.argsort(col, kind="stable")
-        counts = np.bincount(col, minlength=n_bins)
-        nz = np.nonzero(counts)[0]
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[nz]
-        if nz.size:
-            sums = np.add.reduceat(x[order], starts, axis=0)
-            out[f * n_bins + nz] = sums
-    return out
+    return OneHotSums(bins, n_bins)(x)
 
 
 def _dense_onehot(bins: I32, n_bins: int) -> U64:
@@ -79,8 +96,10 @@ class _Timed:
         self.seconds[key] = self.seconds.get(key, 0.0) + dt
 
 
-class SSAggregator:
-    """``ss-agg`` bucket sums for one feature owner (see module docstring)."""
+class _Aggregator:
+    """What both aggregators share: the feature owner ``holder``, its bins (owner only, with a
+    precomputed :class:`OneHotSums`), sizes, the stage prefix and the timing sink. ``keys`` =
+    (this party's HE key pair, the peer's public key) is only used by :class:`HEAggregator`."""
 
     def __init__(
         self,
@@ -92,15 +111,35 @@ class SSAggregator:
         n_bins: int,
         stage: str,
         timing: _Timed,
+        keys: tuple[Any, Any] = (None, None),
     ) -> None:
         self.mpc = mpc
         self.holder = holder
         self.n = n_rows
+        self.n_features = n_features
         self.k = n_features * n_bins
         self.n_bins = n_bins
         self.stage = stage
         self.timing = timing
         self.bins = bins
+        self.summer = OneHotSums(bins, n_bins) if bins is not None else None
+        self.my_keys, self.peer_pk = keys
+        self._setup()
+
+    def _setup(self) -> None:
+        """Per-algorithm set-up (runs at the end of ``__init__``)."""
+
+    def _own_sums(self, x: U64) -> U64:
+        if self.summer is None:
+            raise BoostProtocolError("feature owner has no bins")
+        return self.summer(x)
+
+
+class SSAggregator(_Aggregator):
+    """``ss-agg`` bucket sums for one feature owner (see module docstring)."""
+
+    def _setup(self) -> None:
+        mpc, holder, bins, n_bins, stage = self.mpc, self.holder, self.bins, self.n_bins, self.stage
         self._et: U64 | None = None
         if self.k == 0:
             return
@@ -167,7 +206,7 @@ class SSAggregator:
             f = msg.values[0] if len(msg.values) == 1 else None
             if f is None or f.dtype != np.uint64 or f.shape != (self.n, c) or self.bins is None:
                 raise BoostProtocolError("malformed masked vector in bucket sums")
-            z = onehot_bucket_sums(self.bins, self.n_bins, v.values + f) + self._c[:, cols]
+            z = self._own_sums(v.values + f) + self._c[:, cols]
         else:
             if self._b is None or self._z is None:
                 raise BoostProtocolError("bucket-sum correlation missing")
@@ -178,41 +217,20 @@ class SSAggregator:
         return AShare(np.ascontiguousarray(z), mpc.party, v.frac_bits)
 
 
-class HEAggregator:
+class HEAggregator(_Aggregator):
     """``he-agg`` bucket sums for one feature owner (see module docstring).
 
     ``my_keys`` is this party's key pair (used when it is the non-owner), ``peer_pk`` the
     peer's public key (used when this party owns the features).
     """
 
-    def __init__(
-        self,
-        mpc: MPC,
-        holder: int,
-        bins: I32 | None,
-        n_rows: int,
-        n_features: int,
-        n_bins: int,
-        stage: str,
-        timing: _Timed,
-        my_keys: Any,
-        peer_pk: Any,
-    ) -> None:
-        self.mpc = mpc
-        self.holder = holder
-        self.n = n_rows
-        self.n_features = n_features
-        self.n_bins = n_bins
-        self.bins = bins
-        self.stage = stage
-        self.timing = timing
-        self.my_keys = my_keys
-        self.peer_pk = peer_pk
+    def _setup(self) -> None:
+        my_keys, peer_pk, n_rows = self.my_keys, self.peer_pk, self.n
         self.calls = 0
         # slot layout: share (64 bits) + owner's share (64) -> < 2^65; sum over n rows; + mask
         self.sum_bits = 65 + max(1, math.ceil(math.log2(max(n_rows, 2))))
         self.slot_bits = self.sum_bits + STAT_BITS + 1
-        pk = peer_pk if mpc.party == holder else my_keys.public
+        pk = peer_pk if self.mpc.party == self.holder else my_keys.public
         self.slots = max(1, (int(pk.plaintext_bits) - 1) // self.slot_bits)
 
     def new_tree(self, columns: int, stage: str) -> None:
@@ -295,7 +313,7 @@ class HEAggregator:
             joined = CiphertextArray.concat(cols)
             order = np.arange(k * per).reshape(per, k).T.ravel()
             summed = joined[order]
-            own = onehot_bucket_sums(self.bins, self.n_bins, v.values)  # (k, c)
+            own = self._own_sums(v.values)  # (k, c)
             pad = per * self.slots - c
             if pad:
                 own = np.concatenate([own, np.zeros((k, pad), np.uint64)], axis=1)

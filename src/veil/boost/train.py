@@ -288,32 +288,21 @@ class _Trainer:
         return aggs
 
     def _build_aggs(self, tbins: I32, tree: int) -> list[Any]:
-        aggs: list[Any] = []
-        for holder in (0, 1):
-            b = tbins if holder == self.party else None
-            stage = f"t{tree}/agg{holder}"
-            if self.p.algorithm == "ss-agg":
-                aggs.append(
-                    SSAggregator(
-                        self.mpc, holder, b, self.n, self.n_feats[holder], self.nb, stage, self.timing
-                    )
-                )
-            else:
-                aggs.append(
-                    HEAggregator(
-                        self.mpc,
-                        holder,
-                        b,
-                        self.n,
-                        self.n_feats[holder],
-                        self.nb,
-                        stage,
-                        self.timing,
-                        self.he_keys,
-                        self.peer_pk,
-                    )
-                )
-        return aggs
+        cls = SSAggregator if self.p.algorithm == "ss-agg" else HEAggregator
+        return [
+            cls(
+                self.mpc,
+                holder,
+                tbins if holder == self.party else None,
+                self.n,
+                self.n_feats[holder],
+                self.nb,
+                f"t{tree}/agg{holder}",
+                self.timing,
+                (self.he_keys, self.peer_pk),
+            )
+            for holder in (0, 1)
+        ]
 
     def grad_hess(self, margin: AShare, y: AShare) -> AShare:
         """Shares of (g, h) stacked as (2, n)."""

@@ -1,14 +1,17 @@
 """Ring helpers for the MPC layer: exact Z_2^64 matrix products, a seeded PRG, bit packing.
 
-numpy has no BLAS path for integer matrices (a uint64 ``A @ B`` of boost's size takes tens of
-seconds), so :func:`ring_matmul` splits both operands into 16-bit limbs and runs float64 GEMMs
-that are *exact*: a product of two 16-bit limbs summed over at most 2^20 rows stays below
-2^52. Only the limb pairs that land below bit 64 are computed (10 of 16).
+:func:`ring_matmul` computes ``a @ b mod 2^64`` with numpy's integer ``einsum`` (unsigned
+64-bit arithmetic wraps, so the result is exact) over contraction blocks of ``_CHUNK`` rows
+that stay in cache. For the shapes MPC needs (a tall operand times a narrow one, e.g. the
+masked bucket matrix ``E^T B`` of ``(k x n)(n x 32)``) this is 4-40x faster than splitting
+both operands into 16-bit limbs for float64 GEMMs (the previous implementation: 10 GEMMs plus
+the limb conversion, which dominated), and it needs no extra memory. Measured on the 2-core
+benchmark machine: ``(340 x 50000)(50000 x 32)`` 0.25 s (limbs: 1.8 s),
+``(50000 x 32)(32 x 1)`` 2 ms (limbs: 160 ms), ``1000^3`` 1.1 s (limbs: 1.2 s).
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import numpy as np
@@ -22,21 +25,23 @@ __all__ = ["PRG", "U8", "U64", "RingMatrix", "ring_matmul"]
 U64 = npt.NDArray[np.uint64]
 U8 = npt.NDArray[np.uint8]
 
-_LIMB = 16
-_MASK16 = np.uint64(0xFFFF)
-_CHUNK = 1 << 12  # contraction rows per GEMM block (exactness needs <= 2^20)
+_CHUNK = 1 << 12  # contraction rows per einsum block (keeps both blocks in cache)
 
 
-def _limbs(x: U64) -> list[npt.NDArray[np.float64]]:
-    """The four 16-bit limbs of ``x`` as float64 arrays (low limb first)."""
-    if sys.byteorder != "little":  # pragma: no cover - the uint16 view below assumes little-endian
-        return [((x >> np.uint64(_LIMB * i)) & _MASK16).astype(np.float64) for i in range(4)]
-    if x.ndim == 2 and x.flags.f_contiguous and not x.flags.c_contiguous:
-        xt = x.T  # C-contiguous view: read each element's 4 limbs from one uint16 view
-        v = xt.view(np.uint16).reshape((*xt.shape, 4))
-        return [np.ascontiguousarray(v[..., i], dtype=np.float64).T for i in range(4)]
-    v = np.ascontiguousarray(x).view(np.uint16).reshape((*x.shape, 4))
-    return [np.ascontiguousarray(v[..., i], dtype=np.float64) for i in range(4)]
+def _check_shapes(a: U64, b: U64, who: str) -> None:
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise InputError(f"{who}: shapes {a.shape} and {b.shape} do not align")
+
+
+def _matmul_u64(a: U64, b: U64) -> U64:
+    """``a @ b mod 2^64`` for 2-D uint64 arrays that align (``b``'s columns made contiguous)."""
+    m, k = a.shape
+    bt = np.ascontiguousarray(b.T)  # (n, k): both operands contiguous along the contraction
+    out = np.zeros((m, bt.shape[0]), dtype=np.uint64)
+    for start in range(0, k, _CHUNK):
+        stop = min(k, start + _CHUNK)
+        out += np.einsum("ik,jk->ij", a[:, start:stop], bt[:, start:stop])
+    return out
 
 
 def ring_matmul(a: Any, b: Any) -> U64:
@@ -46,63 +51,39 @@ def ring_matmul(a: Any, b: Any) -> U64:
     vec = b.ndim == 1
     if vec:
         b = b[:, None]
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-        raise InputError(f"ring_matmul: shapes {a.shape} and {b.shape} do not align")
-    m, k = a.shape
-    n = b.shape[1]
-    out = np.zeros((m, n), dtype=np.uint64)
-    for start in range(0, k, _CHUNK):
-        stop = min(k, start + _CHUNK)
-        al = _limbs(a[:, start:stop])
-        bl = _limbs(b[start:stop])
-        for i in range(4):
-            for j in range(4 - i):
-                prod = al[i] @ bl[j]  # exact: < 2^16 * 2^16 * 2^14 = 2^46
-                out += prod.astype(np.uint64) << np.uint64(_LIMB * (i + j))
+    _check_shapes(a, b, "ring_matmul")
+    out = _matmul_u64(a, b)
     return out[:, 0] if vec else out
 
 
 class RingMatrix:
     """A fixed left operand ``a`` (m, k) for repeated exact products ``a @ b mod 2^64``.
 
-    Pass ``E.T`` of a C-ordered ``E`` (an F-ordered view) rather than a contiguous transpose:
-    the contraction chunks are then contiguous. With ``cache=True`` the float64 limbs of ``a``
-    are computed once (32 bytes per element);
-    ``cache=None`` caches when that stays below ``cache_limit_bytes`` (default 512 MiB).
+    With ``cache=True`` (or ``cache=None`` while ``a`` has at most ``cache_limit_bytes`` / 8
+    elements) a C-contiguous copy of ``a`` is kept, so every product reads contiguous
+    contraction blocks (pass ``E.T`` of a C-ordered ``E`` freely: the copy is made once).
     """
 
     def __init__(self, a: Any, *, cache: bool | None = None, cache_limit_bytes: int = 512 << 20) -> None:
-        self.a = np.asarray(a, dtype=np.uint64)  # keep F-ordered views: column chunks stay contiguous
+        self.a = np.asarray(a, dtype=np.uint64)
         if self.a.ndim != 2:
             raise InputError("RingMatrix needs a 2-D matrix")
         if cache is None:
-            cache = self.a.size * 32 <= cache_limit_bytes
-        self._chunks: list[list[npt.NDArray[np.float64]]] | None = None
+            cache = self.a.size * 8 <= cache_limit_bytes
         if cache:
-            k = self.a.shape[1]
-            self._chunks = [_limbs(self.a[:, s:min(k, s + _CHUNK)]) for s in range(0, k, _CHUNK)]
+            self.a = np.ascontiguousarray(self.a)
 
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.a.shape[0]), int(self.a.shape[1]))
 
     def matmul(self, b: Any) -> U64:
-        if self._chunks is None:
-            return ring_matmul(self.a, b)
         b = np.asarray(b, dtype=np.uint64)
         vec = b.ndim == 1
         if vec:
             b = b[:, None]
-        m, k = self.shape
-        if b.ndim != 2 or b.shape[0] != k:
-            raise InputError(f"RingMatrix.matmul: shapes {self.shape} and {b.shape} do not align")
-        out = np.zeros((m, b.shape[1]), dtype=np.uint64)
-        for ci, start in enumerate(range(0, k, _CHUNK)):
-            al = self._chunks[ci]
-            bl = _limbs(b[start:min(k, start + _CHUNK)])
-            for i in range(4):
-                for j in range(4 - i):
-                    out += (al[i] @ bl[j]).astype(np.uint64) << np.uint64(_LIMB * (i + j))
+        _check_shapes(self.a, b, "RingMatrix.matmul")
+        out = _matmul_u64(self.a, b)
         return out[:, 0] if vec else out
 
 

@@ -145,17 +145,19 @@ class _DealerCore:
                 raise ProtocolError("dealer: pm_setup needs (n, k, holder)")
             n, k, holder = dims
             a = (s0 if holder == 0 else s1).u64((n, k))
-            self._masks[req.counter] = (n, k, holder, a)
+            # kept transposed (k, n) and contiguous: every pm_vec product A^T B then reads
+            # contiguous contraction blocks (see mpc_ring.ring_matmul)
+            self._masks[req.counter] = (n, k, holder, np.ascontiguousarray(a.T))
             return []
         # pm_vec
         if len(dims) != 2 or dims[0] not in self._masks:
             raise ProtocolError("dealer: pm_vec for an unknown matrix context")
         ctx, cols = dims
-        n, k, holder, a = self._masks[ctx]
+        n, k, holder, a_t = self._masks[ctx]
         other = 1 - holder
         b = (s0 if other == 0 else s1).u64((n, cols))
         c0 = s0.u64((k, cols))
-        return [ring_matmul(a.T, b) - c0]
+        return [ring_matmul(a_t, b) - c0]
 
     def drop(self, ctx: int) -> None:
         self._masks.pop(ctx, None)
