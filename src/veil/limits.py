@@ -25,6 +25,7 @@ __all__ = [
     "Limits",
     "SessionLimiter",
     "check_message_bytes",
+    "check_request_body_bytes",
     "check_rows",
     "check_sequence_length",
     "get_limits",
@@ -55,6 +56,12 @@ class Limits(BaseSettings):
     max_batch_size: int = Field(default=4096, ge=1, description="largest batch (rows) in one request")
     max_concurrent_sessions_per_client: int = Field(
         default=8, ge=1, description="open sessions one client identity may hold at the same time"
+    )
+    max_request_body_bytes: int = Field(
+        default=256 << 20, ge=1024, description="largest HTTP request body a veil server reads (bytes)"
+    )
+    max_inflight_requests_per_client: int = Field(
+        default=4096, ge=1, description="requests one client address may have in flight at a gateway"
     )
     request_timeout_s: float = Field(
         default=60.0, gt=0, le=86_400, description="deadline of one request / one protocol receive (s)"
@@ -97,6 +104,14 @@ def check_message_bytes(n: int, what: str = "message", limits: Limits | None = N
     return n
 
 
+def check_request_body_bytes(n: int, limit: int | None = None) -> int:
+    """Refuse an HTTP request body of ``n`` bytes above ``limit`` (default ``max_request_body_bytes``)."""
+    lim = get_limits().max_request_body_bytes if limit is None else limit
+    if n > lim:
+        raise _exceeded("request body size in bytes", n, "max_request_body_bytes", lim)
+    return n
+
+
 def check_rows(n: int, what: str = "rows", limits: Limits | None = None) -> int:
     """Refuse a negative row count or one above ``max_rows``; returns ``n``."""
     lim = limits or get_limits()
@@ -125,14 +140,26 @@ class SessionLimiter:
     ...     pass
 
     ``acquire`` raises :class:`ResourceLimitError` instead of queueing: a client that opens
-    too many sessions is refused at once, it cannot make the server wait.
+    too many sessions is refused at once, it cannot make the server wait. ``field`` names the
+    :class:`Limits` field that gives the default (and the variable the error message names),
+    ``what`` what is being counted.
     """
 
-    def __init__(self, max_per_client: int | None = None) -> None:
-        limit = get_limits().max_concurrent_sessions_per_client if max_per_client is None else max_per_client
+    def __init__(
+        self,
+        max_per_client: int | None = None,
+        *,
+        field: str = "max_concurrent_sessions_per_client",
+        what: str = "open sessions",
+    ) -> None:
+        if field not in Limits.model_fields:
+            raise ConfigError(f"unknown limit {field!r}")
+        limit = int(getattr(get_limits(), field)) if max_per_client is None else max_per_client
         if limit < 1:
             raise ConfigError(f"max sessions per client must be >= 1, got {limit}")
         self.max_per_client = int(limit)
+        self.field = field
+        self.what = what
         self._open: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -141,8 +168,8 @@ class SessionLimiter:
             n = self._open.get(client, 0)
             if n >= self.max_per_client:
                 raise ResourceLimitError(
-                    f"client {client[:32]!r} already holds {n} open sessions, the limit is "
-                    f"{self.max_per_client} (raise it with {ENV_PREFIX}MAX_CONCURRENT_SESSIONS_PER_CLIENT)"
+                    f"client {client[:32]!r} already holds {n} {self.what}, the limit is "
+                    f"{self.max_per_client} (raise it with {ENV_PREFIX}{self.field.upper()})"
                 )
             self._open[client] = n + 1
 

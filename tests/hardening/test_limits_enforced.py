@@ -89,3 +89,32 @@ def test_boost_refuses_peer_above_shared_limits(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(BoostConfigError, match="VEIL_LIMIT_MAX_FEATURES"):
         run_parties(lambda ch: secure_train(ch, "active", xa, y, p, s0),
                     lambda ch: secure_train(ch, "passive", xp, None, p, s1), timeout=60)
+
+
+@pytest.mark.parametrize("max_rows", [19, 20])
+def test_boost_max_rows_over_and_under(monkeypatch: pytest.MonkeyPatch, max_rows: int) -> None:
+    """VEIL_LIMIT_MAX_ROWS: 20 rows against a limit of 19 are refused by the peer with a clear
+    BoostConfigError naming the variable; at exactly 20 the same training runs."""
+    from veil.boost.errors import BoostConfigError
+    from veil.boost.params import BoostParams
+    from veil.boost.train import secure_train
+    from veil.crypto.triples import LocalDealer
+    from veil.testing import run_parties
+
+    monkeypatch.setenv("VEIL_LIMIT_MAX_ROWS", str(max_rows))
+    rng = np.random.default_rng(1)
+    xa, xp = rng.random((20, 2)), rng.random((20, 2))
+    y = (xa[:, 0] + xp[:, 1] > 1.0).astype(float)
+    s0, s1 = LocalDealer.pair()
+    p = BoostParams(n_estimators=1, max_depth=2, max_bin=4)
+
+    def both() -> Any:
+        return run_parties(lambda ch: secure_train(ch, "active", xa, y, p, s0),
+                           lambda ch: secure_train(ch, "passive", xp, None, p, s1), timeout=120)
+
+    if max_rows < 20:
+        with pytest.raises(BoostConfigError, match=r"20 rows, limit 19 \(VEIL_LIMIT_MAX_ROWS"):
+            both()
+    else:
+        res = both()
+        assert len(res) == 2 and all(r.model is not None for r in res)

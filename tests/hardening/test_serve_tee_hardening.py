@@ -180,14 +180,14 @@ def test_gateway_survives_a_killed_worker(stack: Stack) -> None:
 
 @pytest.mark.slow
 def test_gateway_times_out_a_hanging_worker(stack: Stack) -> None:
-    """A replica that stops answering (hangs inside inference): a gateway with a 1 s request
-    timeout marks it unhealthy and re-sends the request to the healthy replica."""
+    """A replica that stops answering (hangs inside inference): a gateway with a 1 s per-replica
+    timeout (4 s per request) marks it unhealthy and re-sends the request to the healthy replica."""
     from veil.serve.gateway.app import Gateway, GatewayConfig
     from veil.serve.gateway.app import create_app as gateway_app
 
     w2, srv2 = _second_worker(stack, "w-hang")
-    gw = Gateway(GatewayConfig(workers=[srv2.url, stack.worker_srv.url], request_timeout_s=1.0, poll_s=0.2,
-                               max_attempts=3))
+    gw = Gateway(GatewayConfig(workers=[srv2.url, stack.worker_srv.url], replica_timeout_s=1.0,
+                               request_timeout_s=4.0, poll_s=0.2, max_attempts=3))
     gsrv = serve_in_thread(gateway_app(gw))
     try:
         deadline = time.monotonic() + 20
@@ -215,6 +215,49 @@ def test_gateway_times_out_a_hanging_worker(stack: Stack) -> None:
         record_fault_run("serve.gateway", {"hang_worker": 1}, "completed")
     finally:
         gsrv.stop()
+        srv2.stop()
+        w2.stop()
+
+
+@pytest.mark.slow
+def test_gateway_slow_worker_yields_a_clean_504_within_the_bound(stack: Stack) -> None:
+    """The only replica is slow (2 s per request): a gateway with request_timeout_s=0.8 answers a
+    clean 504 (declared error schema) within the bound; with 5 s the same request succeeds."""
+    from veil.serve.gateway.app import Gateway, GatewayConfig
+    from veil.serve.gateway.app import create_app as gateway_app
+
+    w2, srv2 = _second_worker(stack, "w-slow")
+    real = w2.runner.infer
+
+    def slow(*a: Any, **k: Any) -> Any:
+        time.sleep(2.0)
+        return real(*a, **k)
+
+    w2.runner.infer = slow  # type: ignore[method-assign]
+    gws = [Gateway(GatewayConfig(workers=[srv2.url], request_timeout_s=t, poll_s=0.2, max_attempts=3))
+           for t in (0.8, 5.0)]
+    srvs = [serve_in_thread(gateway_app(gw)) for gw in gws]
+    try:
+        for gw in gws:
+            deadline = time.monotonic() + 20
+            while not any(r.healthy for r in gw.router.replicas.values()):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        with httpx.Client(timeout=20) as http:
+            t0 = time.monotonic()
+            r = http.post(f"{srvs[0].url}/v2/models/{stack.model_name}/infer", json=_infer_body())
+            took = time.monotonic() - t0
+            assert r.status_code == 504, r.text
+            assert r.json()["kind"] == "GatewayTimeout" and "0.8 s" in r.json()["error"]
+            assert 0.7 < took < 1.8, took  # the bound, plus HTTP overhead on a loaded machine
+            r = http.post(f"{srvs[1].url}/v2/models/{stack.model_name}/infer", json=_infer_body())
+            assert r.status_code == 200, r.text
+            got = np.asarray(r.json()["outputs"][0]["data"], np.float32)
+            np.testing.assert_allclose(got, _expected(stack), rtol=1e-6)
+        record_fault_run("serve.gateway", {"slow_worker": 1}, "failed_cleanly")
+    finally:
+        for srv in srvs:
+            srv.stop()
         srv2.stop()
         w2.stop()
 
@@ -324,18 +367,136 @@ def test_gateway_rerouting_e2e_requests_is_refused(stack: Stack) -> None:
     ADVERSARIAL["serve: gateway reroutes E2E request to another model/endpoint"] = "refused"
 
 
+# ------------------------------------------------------------------------- replaying gateway (H-9)
+
+
+def _e2e_url(stack: Stack) -> str:
+    return f"{stack.worker_srv.url}/v2/models/{stack.model_name}/infer"
+
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="finding H-9: workers keep no replay cache of E2E request salts, so "
-                   "an untrusted gateway can replay a client's sealed request and make the enclave run it "
-                   "again (the answer is still only readable by the client; costs compute / skews metering)")
-def test_gateway_replaying_an_e2e_request_is_refused(stack: Stack) -> None:
-    from veil.serve.e2e import E2E_CONTENT_TYPE, client_seal
+def test_regression_h9_gateway_replaying_an_e2e_request_is_refused(stack: Stack) -> None:
+    """Finding H-9: a gateway (or anyone on the path) re-sends a client's sealed request. The
+    worker runs it once; the replay is refused (directly and through the gateway) without
+    running the model again, and a fresh seal of the same body (a client retry) still works."""
+    from veil.serve.e2e import E2E_CONTENT_TYPE, ClientE2E
 
+    client = ClientE2E(stack.worker.identity_pub)
     inner = json.dumps(_infer_body()).encode()
-    env, _ = client_seal(stack.worker.identity_pub, stack.model_name, "infer", inner, None)
-    url = f"{stack.worker_srv.url}/v2/models/{stack.model_name}/infer"
+    env, rk = client.seal(stack.model_name, "infer", inner, None)
+    hdr = {"content-type": E2E_CONTENT_TYPE}
+    want = _expected(stack)
+    runs_before = stack.worker.m_requests.labels("ok")._value.get()
     with httpx.Client(timeout=15) as http:
-        assert http.post(url, content=env, headers={"content-type": E2E_CONTENT_TYPE}).status_code == 200
-        again = http.post(url, content=env, headers={"content-type": E2E_CONTENT_TYPE})
-    assert 400 <= again.status_code < 500
+        first = http.post(_e2e_url(stack), content=env, headers=hdr)
+        assert first.status_code == 200
+        status, body, _ = ClientE2E.open(rk, first.content)
+        assert status == 200
+        np.testing.assert_allclose(json.loads(body)["outputs"][0]["data"], want, rtol=1e-6)
+        again = http.post(_e2e_url(stack), content=env, headers=hdr)
+        assert again.status_code == 400 and b"replayed" in again.content, again.content[:200]
+        via_gw = http.post(f"{stack.gateway_srv.url}/v2/models/{stack.model_name}/infer", content=env,
+                           headers=hdr)
+        assert via_gw.status_code == 400 and b"replayed" in via_gw.content, via_gw.content[:200]
+        # the model ran once for the three deliveries
+        assert stack.worker.m_requests.labels("ok")._value.get() == runs_before + 1
+        # a client retry re-seals (fresh salt + time): accepted, same answer
+        env2, rk2 = client.seal(stack.model_name, "infer", inner, None)
+        r = http.post(_e2e_url(stack), content=env2, headers=hdr)
+        assert r.status_code == 200
+        status, body, _ = ClientE2E.open(rk2, r.content)
+        np.testing.assert_allclose(json.loads(body)["outputs"][0]["data"], want, rtol=1e-6)
+    ADVERSARIAL["serve: gateway replays an E2E request (H-9)"] = "refused"
+
+
+@pytest.mark.slow
+def test_regression_h9_stale_e2e_request_is_refused(stack: Stack) -> None:
+    """A sealed request held back longer than the worker's window (then delivered) is refused:
+    the sealing time is authenticated, so it cannot be refreshed by the gateway either."""
+    from veil.serve.e2e import E2E_CONTENT_TYPE, ClientE2E, E2ERequest
+
+    window_s = stack.worker.e2e.replay.window_ms / 1000
+    client = ClientE2E(stack.worker.identity_pub, clock=lambda: time.time() - window_s - 5)
+    old, _ = client.seal(stack.model_name, "infer", json.dumps(_infer_body()).encode(), None)
+    hdr = {"content-type": E2E_CONTENT_TYPE}
+    with httpx.Client(timeout=15) as http:
+        r = http.post(_e2e_url(stack), content=old, headers=hdr)
+        assert r.status_code == 400 and b"outside the" in r.content, r.content[:200]
+        req = codec.decode(old, E2ERequest)  # the gateway "refreshes" the time: the aad no longer matches
+        fresh = codec.encode(msgspec.structs.replace(req, sealed_at_ms=int(time.time() * 1000)))
+        r = http.post(_e2e_url(stack), content=fresh, headers=hdr)
+        assert r.status_code == 400 and b"replayed" not in r.content, r.content[:200]
+
+
+@pytest.mark.slow
+def test_e2e_client_retry_after_lost_response_reseals(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The legitimate retry path: the first delivery reaches the worker (it runs) but the
+    connection drops before the answer; ServeClient retries once with a fresh seal, which the
+    replay cache accepts, and the client gets the right answer."""
+    import http.client as hc
+
+    from veil.serve.client import ServeClient
+    from veil.serve.e2e import E2E_CONTENT_TYPE
+    from veil.serve.worker.app import worker_measurement
+    from veil.tee import platform_public_key
+
+    policy = Policy(allowed_measurements={worker_measurement()}, allow_simulated=True,
+                    simulated_platform_keys={platform_public_key().hex()})
+    sent: list[bytes] = []
+
+    class LostAnswer:
+        """The first request is delivered for real, then the connection 'drops'."""
+
+        def request(self, method: str, url: str, body: bytes, headers: dict[str, str]) -> None:
+            sent.append(body)
+            with httpx.Client(timeout=15) as h:
+                assert h.post(stack.gateway_srv.url + url, content=body, headers=headers).status_code == 200
+
+        def getresponse(self) -> Any:
+            raise hc.RemoteDisconnected("connection dropped before the answer")
+
+        def close(self) -> None:
+            pass
+
+    with ServeClient(stack.gateway_srv.url, policy=policy, e2e=True) as client:
+        client.attest()
+        real_connect = client._connect
+        conns = iter([LostAnswer()])
+        monkeypatch.setattr(client, "_connect", lambda: next(conns, None) or real_connect())
+        out = client.infer(stack.model_name, {"x": np.asarray(X, dtype=np.float32)})
+    np.testing.assert_allclose(np.asarray(out["probs"]).reshape(-1), _expected(stack), rtol=1e-6)
+    # the lost first envelope is spent: delivering it again is refused as a replay
+    with httpx.Client(timeout=15) as h:
+        r = h.post(_e2e_url(stack), content=sent[0], headers={"content-type": E2E_CONTENT_TYPE})
+    assert r.status_code == 400 and b"replayed" in r.content
+
+
+@pytest.mark.slow
+def test_worker_e2e_requests_per_client_key_are_bounded(stack: Stack) -> None:
+    """Concurrent E2E requests per (authenticated) client key: over the budget -> 429, under -> 200."""
+    from veil.limits import SessionLimiter
+    from veil.serve.e2e import E2E_CONTENT_TYPE, ClientE2E
+
+    client = ClientE2E(stack.worker.identity_pub)
+    inner = json.dumps(_infer_body()).encode()
+    saved = stack.worker.e2e_sessions
+    stack.worker.e2e_sessions = limiter = SessionLimiter(2, what="end-to-end requests in flight")
+    hdr = {"content-type": E2E_CONTENT_TYPE}
+    try:
+        limiter.acquire(client.client_public.hex())
+        limiter.acquire(client.client_public.hex())  # this client has 2 requests in flight
+        with httpx.Client(timeout=15) as http:
+            env, _ = client.seal(stack.model_name, "infer", inner, None)
+            r = http.post(_e2e_url(stack), content=env, headers=hdr)
+            assert r.status_code == 429, r.content[:200]
+            assert b"VEIL_LIMIT_MAX_CONCURRENT_SESSIONS_PER_CLIENT" in r.content
+            other = ClientE2E(stack.worker.identity_pub)  # another client is not affected
+            env, rk = other.seal(stack.model_name, "infer", inner, None)
+            assert http.post(_e2e_url(stack), content=env, headers=hdr).status_code == 200
+            limiter.release(client.client_public.hex())  # one in flight: under the budget
+            env, rk = client.seal(stack.model_name, "infer", inner, None)
+            r = http.post(_e2e_url(stack), content=env, headers=hdr)
+            assert r.status_code == 200 and ClientE2E.open(rk, r.content)[0] == 200
+        assert limiter.open_sessions(client.client_public.hex()) == 1
+    finally:
+        stack.worker.e2e_sessions = saved

@@ -17,6 +17,7 @@ import http.client
 import logging
 import ssl
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from veil.serve import v2
 from veil.serve.e2e import (
     E2E_CONTENT_TYPE,
     ClientE2E,
+    ResponseKey,
     ServiceEvidence,
     verify_service_evidence,
 )
@@ -125,11 +127,14 @@ class ServeClient:
                 self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
         return self._conn
 
-    def _post(self, path: str, body: bytes, headers: dict[str, str]) -> _Resp:
+    def _post(self, path: str, body: bytes | Callable[[], bytes], headers: dict[str, str]) -> _Resp:
+        """POST, retrying once on a stale keep-alive connection. ``body`` may be a function that
+        makes a fresh body per attempt (an E2E request is re-sealed: workers refuse replays)."""
         for attempt in (0, 1):
             conn = self._connect()
             try:
-                conn.request("POST", self._prefix + path, body=body, headers=headers)
+                data_out = body() if callable(body) else body
+                conn.request("POST", self._prefix + path, body=data_out, headers=headers)
                 r = conn.getresponse()
                 data = r.read()
                 return _Resp(r.status, data, {k.lower(): v for k, v in r.getheaders()})
@@ -157,12 +162,19 @@ class ServeClient:
             self.attest()
         if self._e2e is None:
             raise AttestationError("service key unknown after attestation")
-        wire, rk = self._e2e.seal(model, kind, body, hl)
+        e2e = self._e2e
+        keys: list[ResponseKey] = []
+
+        def seal() -> bytes:  # a fresh salt and time per attempt (finding H-9: no replays)
+            wire, rk = e2e.seal(model, kind, body, hl)
+            keys.append(rk)
+            return wire
+
         headers.update({"content-type": E2E_CONTENT_TYPE, "x-veil-model": model})
-        r = self._post(path, wire, headers)
+        r = self._post(path, seal, headers)
         if r.status_code != 200:
             raise ServeError(f"{path}: {r.status_code} {r.text[:200]}")
-        return ClientE2E.open(rk, r.content)
+        return ClientE2E.open(keys[-1], r.content)
 
     def infer(
         self,

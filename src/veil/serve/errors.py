@@ -57,6 +57,11 @@ def openapi_error_responses() -> dict[int | str, dict[str, object]]:
         },
         404: {"description": "Unknown model, key or replica", "content": content},
         409: {"description": "Conflict (e.g. key id already registered)", "content": content},
-        413: {"description": "Request body too large", "content": content},
+        413: {"description": "Request body too large (veil.limits)", "content": content},
+        429: {
+            "description": "Too many concurrent sessions / requests for this client (veil.limits)",
+            "content": content,
+        },
         503: {"description": "No ready replica / worker not ready", "content": content},
+        504: {"description": "Gateway timeout: no answer within request_timeout_s", "content": content},
     }

@@ -8,6 +8,14 @@ client retry of an id already answered gets the same answer instead of a second 
 concurrent duplicates wait for the first.
 
 Replica health, EPC pressure and service time come from polling each worker's status endpoint.
+
+Limits (issue 9): a request gets ``request_timeout_s`` in all (default
+``VEIL_LIMIT_REQUEST_TIMEOUT_S``), retries included, and each replica ``replica_timeout_s`` of it
+(default: all of it); a replica that times out with budget left is marked unhealthy and the request
+goes to another one, and when the budget is spent the client gets a clean 504. Request bodies
+above ``max_body_bytes`` (default ``VEIL_LIMIT_MAX_REQUEST_BODY_BYTES``) get a 413 before they are
+read, and one client address may have ``max_inflight_per_client`` inference requests in flight
+(default ``VEIL_LIMIT_MAX_INFLIGHT_REQUESTS_PER_CLIENT``; 429 beyond).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from veil.crypto.random import random_bytes
 from veil.errors import ConfigError
+from veil.limits import SessionLimiter, get_limits
 from veil.serve.asgi import FastPost
 from veil.serve.e2e import E2E_CONTENT_TYPE
 from veil.serve.errors import ServeError, openapi_error_responses
@@ -55,7 +64,17 @@ class GatewayConfig(BaseModel):
     port: int = Field(default=8080, ge=0, le=65535)
     policy: str = "round-robin"
     poll_s: float = Field(default=0.5, gt=0)
-    request_timeout_s: float = Field(default=60.0, gt=0)
+    request_timeout_s: float = Field(default_factory=lambda: get_limits().request_timeout_s, gt=0)
+    """Deadline of one request at the gateway, retries on other replicas included (504 after it);
+    default VEIL_LIMIT_REQUEST_TIMEOUT_S."""
+    replica_timeout_s: float | None = Field(default=None, gt=0)
+    """Deadline of one attempt on one replica (default: request_timeout_s); a replica that misses
+    it is marked unhealthy and the request is re-sent to another within the remaining time."""
+    max_body_bytes: int | None = Field(default=None, ge=1024)
+    """Request body cap (413); default VEIL_LIMIT_MAX_REQUEST_BODY_BYTES."""
+    max_inflight_per_client: int | None = Field(default=None, ge=1)
+    """Inference requests one client address may have in flight (429 beyond);
+    default VEIL_LIMIT_MAX_INFLIGHT_REQUESTS_PER_CLIENT."""
     max_attempts: int = Field(default=4, ge=1, le=32)
     dedup_entries: int = Field(default=4096, ge=0)
     admin_token: str | None = Field(default=None, min_length=16)
@@ -121,7 +140,8 @@ class Gateway:
             ssl_ctx = pinned_context(self.cfg.worker_ca)
         conn = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ssl=ssl_ctx)
         self.session = aiohttp.ClientSession(
-            connector=conn, timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, sock_connect=2.0)
+            # per-request deadlines are set in forward(); connecting gets 2 s of them
+            connector=conn, timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0)
         )
         await self.poll_once()
         self._poller = asyncio.create_task(self._poll_loop())
@@ -190,7 +210,15 @@ class Gateway:
             raise ServeError("gateway not started")
         tried: list[str] = []
         last = "no replica"
+        loop = asyncio.get_running_loop()
+        budget = self.cfg.request_timeout_s
+        deadline = loop.time() + budget
+        per_try = min(self.cfg.replica_timeout_s or budget, budget)
+        timed_out = False
         for attempt in range(self.cfg.max_attempts):
+            if loop.time() >= deadline:
+                timed_out = True
+                break
             try:
                 r = self.router.choose(model, request_id, exclude=tried)
             except NoReplicaAvailable as exc:
@@ -203,15 +231,27 @@ class Gateway:
             r.outstanding += 1
             t0 = time.perf_counter()
             try:
-                async with self.session.request(method, r.url + path, data=body, headers=headers) as resp:
-                    data = await resp.read()
-                    status = resp.status
-                    out_h = {
-                        k: v
-                        for k, v in resp.headers.items()
-                        if k.lower() in ("content-type", "inference-header-content-length")
-                    }
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                async with asyncio.timeout_at(min(deadline, loop.time() + per_try)):
+                    async with self.session.request(
+                        method, r.url + path, data=body, headers=headers
+                    ) as resp:
+                        data = await resp.read()
+                        status = resp.status
+                        out_h = {
+                            k: v
+                            for k, v in resp.headers.items()
+                            if k.lower() in ("content-type", "inference-header-content-length")
+                        }
+            except TimeoutError:
+                r.failures += 1
+                last = f"replica {r.id} did not answer in time"
+                if loop.time() >= deadline:
+                    timed_out = True  # the request's budget is spent: a clean 504, no more tries
+                    break
+                r.healthy = False  # a replica past its own deadline: try another in the time left
+                log.warning("request %s: %s; retrying on another replica", request_id, last)
+                continue
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 r.healthy = False
                 r.failures += 1
                 last = f"replica {r.id} failed: {type(exc).__name__}"
@@ -227,6 +267,19 @@ class Gateway:
             out_h["x-veil-replica"] = r.id
             out_h["x-request-id"] = request_id
             return status, out_h, data
+        if timed_out:
+            log.warning("request %s: gateway timeout after %g s (%s)", request_id, budget, last)
+            return (
+                504,
+                {"content-type": "application/json", "x-request-id": request_id},
+                msgspec.json.encode(
+                    {
+                        "error": f"gateway timeout: no answer within {budget:g} s "
+                        f"(request_timeout_s; {last})",
+                        "kind": "GatewayTimeout",
+                    }
+                ),
+            )
         # hardening (issue 9): a model that no replica serves is "not found" (404), not "unavailable"
         reps = list(self.router.replicas.values())
         if model and not tried and reps and all(r.models for r in reps):
@@ -456,4 +509,10 @@ def create_app(gw: Gateway) -> FastPost:
             (r"/v2/models/([^/]+)/(?:versions/[^/]+/)?infer", fast_infer),
             (r"/v1/completions", fast_completions),
         ],
+        max_body=gw.cfg.max_body_bytes,
+        per_client=SessionLimiter(
+            gw.cfg.max_inflight_per_client,
+            field="max_inflight_requests_per_client",
+            what="requests in flight",
+        ),
     )

@@ -13,6 +13,12 @@ Release protocol (see docs/protocols/serve.md)::
       kx.finish(kms_public).decrypt(bundle) <- {kms_public, bundle}
 
 Every refusal answers 403 with a reason and writes an audit row; nothing is released.
+
+Limits (issue 9): one client address may hold ``max_sessions_per_client`` open key-release
+sessions (issued, unused, unexpired challenges; default
+``VEIL_LIMIT_MAX_CONCURRENT_SESSIONS_PER_CLIENT``): one more challenge is answered 429
+(:class:`KMSBusy`) until one is used or expires. Request bodies are capped at ``max_body_bytes``
+(413 before they are read).
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from veil.comm import codec
 from veil.crypto.random import random_bytes
-from veil.errors import AttestationError, InputError, KMSError, ProtocolError, VeilError
+from veil.errors import AttestationError, InputError, KMSError, ProtocolError, ResourceLimitError, VeilError
+from veil.limits import SessionLimiter
+from veil.serve.asgi import BodyLimit
 from veil.serve.errors import UnknownKey, openapi_error_responses
 from veil.serve.kms.store import KMSStore
 from veil.serve.kms.wire import (
@@ -54,7 +62,7 @@ from veil.serve.kms.wire import (
 from veil.tee import AttestedOffer, Enclave, Policy, Verifier, load_enclave
 from veil.tee.kex import client_key_exchange_with_claims
 
-__all__ = ["KMSConfig", "KMSRefused", "KMSService", "create_app", "kms_enclave"]
+__all__ = ["KMSBusy", "KMSConfig", "KMSRefused", "KMSService", "create_app", "kms_enclave"]
 
 log = logging.getLogger("veil.serve.kms")
 
@@ -66,6 +74,10 @@ class KMSRefused(KMSError):
     """The KMS refused to release anything (reason in the message and the audit log)."""
 
 
+class KMSBusy(KMSError):
+    """Too many open key-release sessions for this client (HTTP 429); retry after one ends."""
+
+
 class KMSConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     state_dir: Path
@@ -75,6 +87,11 @@ class KMSConfig(BaseModel):
     tee_backend: str = "simulated"
     host: str = "127.0.0.1"
     port: int = Field(default=8700, ge=0, le=65535)
+    max_sessions_per_client: int | None = Field(default=None, ge=1)
+    """Open key-release sessions (pending challenges) per client address;
+    default VEIL_LIMIT_MAX_CONCURRENT_SESSIONS_PER_CLIENT."""
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    """Request body cap (413): KMS requests are small (an offer with its evidence)."""
 
 
 def kms_enclave(backend: str = "simulated") -> Enclave:
@@ -93,7 +110,8 @@ class KMSService:
         self.enclave = enclave or kms_enclave(config.tee_backend)
         self.store = KMSStore(config.state_dir, self.enclave, clock=clock)
         self.verifier = Verifier(config.policy, clock=clock)
-        self._nonces: dict[bytes, float] = {}
+        self._nonces: dict[bytes, tuple[float, str]] = {}  # nonce -> (issued at, client)
+        self.sessions = SessionLimiter(config.max_sessions_per_client, what="open key-release sessions")
         self._lock = threading.Lock()
         self._token_digest = hashlib.sha256(config.admin_token.encode()).digest()
         label = "SIMULATED" if self.enclave.simulated else self.enclave.backend
@@ -111,16 +129,33 @@ class KMSService:
             raise KMSRefused("admin token missing or wrong")
 
     # ------------------------------------------------------------------ attestation
-    def challenge(self) -> ChallengeResponse:
+    def _expire(self, now: float) -> None:
+        """Forget expired challenges and free their clients' session slots (caller holds the lock)."""
+        ttl = self.config.nonce_ttl_s
+        for n, (t, who) in list(self._nonces.items()):
+            if now - t > ttl:
+                del self._nonces[n]
+                self.sessions.release(who)
+
+    def challenge(self, peer: str = "") -> ChallengeResponse:
+        """Open a key-release session for client ``peer``: a single-use nonce (KMSBusy beyond the
+        client's session budget, KMSRefused when the KMS holds too many pending challenges)."""
         now = float(self.clock())
         nonce = random_bytes(32)
         with self._lock:
             if len(self._nonces) >= MAX_PENDING_NONCES:
-                ttl = self.config.nonce_ttl_s
-                self._nonces = {n: t for n, t in self._nonces.items() if now - t <= ttl}
+                self._expire(now)
                 if len(self._nonces) >= MAX_PENDING_NONCES:
                     raise KMSRefused("too many pending challenges; retry later")
-            self._nonces[nonce] = now
+            try:
+                self.sessions.acquire(peer)
+            except ResourceLimitError:
+                self._expire(now)
+                try:
+                    self.sessions.acquire(peer)
+                except ResourceLimitError as exc:
+                    raise KMSBusy(f"{exc}; use or let expire a pending challenge first") from None
+            self._nonces[nonce] = (now, peer)
         return ChallengeResponse(nonce=nonce.hex(), expires_in_s=self.config.nonce_ttl_s)
 
     def release(self, req: ReleaseRequest, peer: str = "") -> ReleaseResponse:
@@ -142,7 +177,10 @@ class KMSService:
 
         nonce = bytes.fromhex(req.nonce)
         with self._lock:
-            issued = self._nonces.pop(nonce, None)  # single use: consumed even if what follows fails
+            entry = self._nonces.pop(nonce, None)  # single use: consumed even if what follows fails
+            if entry is not None:
+                self.sessions.release(entry[1])  # the session ends with its release request
+        issued = None if entry is None else entry[0]
         try:
             offer = codec.decode(b64d(req.offer, "offer"), AttestedOffer)
         except (ProtocolError, VeilError) as exc:
@@ -215,7 +253,9 @@ def create_app(service: KMSService) -> FastAPI:
     @app.exception_handler(VeilError)
     async def _veil_error(request: Request, exc: VeilError) -> JSONResponse:
         status = (
-            403
+            429
+            if isinstance(exc, KMSBusy)
+            else 403
             if isinstance(exc, KMSRefused)
             else 404
             if isinstance(exc, UnknownKey)
@@ -287,8 +327,8 @@ def create_app(service: KMSService) -> FastAPI:
         return service.store.audit_log(limit=limit, outcome=outcome, since_id=since_id)
 
     @app.post("/v1/attest/challenge")
-    def challenge() -> ChallengeResponse:
-        return service.challenge()
+    def challenge(request: Request) -> ChallengeResponse:
+        return service.challenge(peer(request))
 
     @app.post("/v1/attest/release")
     def release(body: ReleaseRequest, request: Request) -> ReleaseResponse:
@@ -299,4 +339,5 @@ def create_app(service: KMSService) -> FastAPI:
         return service.service_info()
 
     _ = InputError
+    app.add_middleware(BodyLimit, max_body=service.config.max_body_bytes)
     return app

@@ -29,10 +29,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from veil.comm import codec
 from veil.crypto.aead import X25519KeyPair
-from veil.errors import AttestationError, KMSError, ProtocolError, VeilError
+from veil.errors import AttestationError, KMSError, ProtocolError, ResourceLimitError, VeilError
+from veil.limits import SessionLimiter
 from veil.serve import v2
 from veil.serve.asgi import FastPost
-from veil.serve.e2e import E2E_CONTENT_TYPE, ServerE2E, ServiceEvidence, identity_report_data
+from veil.serve.e2e import (
+    E2E_CONTENT_TYPE,
+    REPLAY_CACHE_ENTRIES,
+    REPLAY_WINDOW_S,
+    ReplayCache,
+    ServerE2E,
+    ServiceEvidence,
+    identity_report_data,
+)
 from veil.serve.errors import (
     InferenceInputError,
     ModelNotFound,
@@ -81,9 +90,18 @@ class WorkerConfig(BaseModel):
     attest_timeout_s: float = Field(default=60.0, gt=0)
     trusted_signers: set[str] | None = None
     tls: bool = False
+    """Serve HTTPS with the shared service TLS identity released by the KMS (kept in memory)."""
     enclave_threads: int = Field(default=1, ge=1, le=256)
     """Requests computed at once (SGX TCS count); others queue."""
-    """Serve HTTPS with the shared service TLS identity released by the KMS (kept in memory)."""
+    max_body_bytes: int | None = Field(default=None, ge=1024)
+    """Request body cap (413 beyond it); default VEIL_LIMIT_MAX_REQUEST_BODY_BYTES."""
+    e2e_replay_window_s: float = Field(default=REPLAY_WINDOW_S, gt=0, le=3600)
+    """A sealed E2E request is accepted once, and only within this many seconds of its sealing."""
+    e2e_replay_entries: int = Field(default=REPLAY_CACHE_ENTRIES, ge=1)
+    """Bound on the E2E replay cache (salts remembered)."""
+    max_sessions_per_client: int | None = Field(default=None, ge=1)
+    """E2E requests one client key may have in flight (429 beyond it);
+    default VEIL_LIMIT_MAX_CONCURRENT_SESSIONS_PER_CLIENT."""
 
 
 class Worker:
@@ -101,6 +119,7 @@ class Worker:
         self.tee_label = "simulated" if self.enclave.simulated else self.enclave.backend
         self.runner: ModelRunner | None = None
         self.e2e: ServerE2E | None = None
+        self.e2e_sessions = SessionLimiter(cfg.max_sessions_per_client, what="end-to-end requests in flight")
         self.identity_pub = b""
         self.tls_cert_pem = b""
         self.tls_key_pem = b""
@@ -160,8 +179,9 @@ class Worker:
                 rel = self.attest_once()
                 break
             except KMSError as exc:
-                # refusals are final; an unreachable KMS is retried until the deadline
-                if "unreachable" not in str(exc) or clock() + delay > deadline:
+                # refusals are final; an unreachable or busy (429) KMS is retried until the deadline
+                busy = "unreachable" in str(exc) or "-> 429" in str(exc)
+                if not busy or clock() + delay > deadline:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -176,7 +196,9 @@ class Worker:
         ident = X25519KeyPair.from_private_bytes(rel.identity.x25519_private)
         if ident.public_bytes != rel.identity.x25519_public:
             raise KMSError("released service identity is inconsistent")
-        self.e2e = ServerE2E(ident)
+        self.e2e = ServerE2E(
+            ident, replay=ReplayCache(self.cfg.e2e_replay_window_s, self.cfg.e2e_replay_entries)
+        )
         self.identity_pub = ident.public_bytes
         self.tls_cert_pem = rel.identity.tls_cert_pem
         self.tls_key_pem = rel.identity.tls_key_pem
@@ -403,7 +425,16 @@ def create_app(worker: Worker) -> FastPost:
             except (VeilError, msgspec.DecodeError) as exc:
                 resp = _err(ProtocolError(f"end-to-end request rejected: {exc}"))
                 return resp.status_code, {"content-type": "application/json"}, bytes(resp.body)
-            status, body, rhl = await _run(lambda: _inner(path, inner, ihl), model)
+            client = rk.client_public.hex()
+            try:  # hardening (issue 9): concurrent E2E requests per (authenticated) client key
+                worker.e2e_sessions.acquire(client)
+            except ResourceLimitError as exc:
+                resp = _err(exc, 429)
+                return resp.status_code, {"content-type": "application/json"}, bytes(resp.body)
+            try:
+                status, body, rhl = await _run(lambda: _inner(path, inner, ihl), model)
+            finally:
+                worker.e2e_sessions.release(client)
             return 200, {"content-type": E2E_CONTENT_TYPE}, e2e.seal(rk, status, body, rhl)
         hl_s = headers.get("inference-header-content-length")
         try:
@@ -485,4 +516,8 @@ def create_app(worker: Worker) -> FastPost:
         return await dispatch(headers, body, headers.get("x-veil-model", name), "completions")
 
     _ = (np, AttestationError)
-    return FastPost(app, [(r"/v2/models/([^/]+)/infer", fast_infer), (r"/v1/completions", fast_completions)])
+    return FastPost(
+        app,
+        [(r"/v2/models/([^/]+)/infer", fast_infer), (r"/v1/completions", fast_completions)],
+        max_body=worker.cfg.max_body_bytes,
+    )
