@@ -186,3 +186,92 @@ def test_regression_secret_files_created_0600_atomically(
         assert KeyFile.read(target) == kf
     assert seen == [0o600]
     assert (os.stat(target).st_mode & 0o777) == 0o600
+
+
+def _replace_spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Records the mode of every file veil.atomic renames into place (by target name)."""
+    seen: dict[str, int] = {}
+    real_replace = os.replace
+
+    def spy(src: str, dst: os.PathLike[str]) -> None:
+        seen[Path(dst).name] = os.stat(src).st_mode & 0o777
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    return seen
+
+
+def test_regression_h10_cluster_admin_token_created_0600_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding H-10: LocalCluster created state/admin-token with the umask's mode and chmod-ed
+    it afterwards (another local user could open it in between and read the KMS admin token).
+    Now it appears, by rename, already 0600 and complete; an existing token is reused."""
+    from veil.serve.cluster.local import admin_token_file
+
+    seen = _replace_spy(monkeypatch)
+    old = os.umask(0)
+    try:
+        token = admin_token_file(tmp_path / "admin-token")
+    finally:
+        os.umask(old)
+    assert seen == {"admin-token": 0o600}
+    assert (os.stat(tmp_path / "admin-token").st_mode & 0o777) == 0o600
+    assert len(token) == 48 and admin_token_file(tmp_path / "admin-token") == token
+
+
+def test_party_identity_key_and_trusted_certs_written_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from veil.comm.identity import PartyIdentity
+
+    seen = _replace_spy(monkeypatch)
+    a = PartyIdentity.create("alice", tmp_path / "a")
+    assert seen == {"key.pem": 0o600, "cert.pem": 0o644}
+    assert (os.stat(tmp_path / "a" / "key.pem").st_mode & 0o777) == 0o600
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        PartyIdentity.create("alice", tmp_path / "a")
+    b = PartyIdentity.create("bob", tmp_path / "b")
+    fp = b.trust(a.cert_pem)
+    assert seen[f"{fp}.pem"] == 0o644
+    assert PartyIdentity.load(tmp_path / "a").cert_pem == a.cert_pem
+    again = PartyIdentity.create("alice", tmp_path / "a", overwrite=True)  # replaced, still 0600
+    assert PartyIdentity.load(tmp_path / "a").key_pem == again.key_pem != a.key_pem
+    assert (os.stat(tmp_path / "a" / "key.pem").st_mode & 0o777) == 0o600
+
+
+def test_epc_registry_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from veil.atomic import stale_temp_files
+    from veil.serve.epc import open_epc
+
+    seen = _replace_spy(monkeypatch)
+    mon = open_epc(simulated=True, worker_id="w1", enclave_mb=64.0, host="h1", epc_mb=128.0, root=tmp_path)
+    try:
+        assert seen.get("epc.json") == 0o644
+        assert mon.usage().used_mb == pytest.approx(64.0)
+    finally:
+        mon.close()
+    assert stale_temp_files(tmp_path / "h1") == []
+
+
+def test_tune_export_dir_written_atomically_owner_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decrypted export (adapter weights) lands owner-only (0600), each file by rename."""
+    torch = pytest.importorskip("torch")
+    from veil.crypto.aead import X25519KeyPair
+    from veil.tune import export as ex
+
+    owner = X25519KeyPair.generate()
+    tensors = {"base_model.model.layers.1.self_attn.q_proj.lora_A.weight": torch.ones(2, 4)}
+    payload = ex.export_payload(tensors, {"kind": "adapter", "adapter_config": {"r": 2}})
+    blob = ex.encrypt_to_owner(payload, owner.public_bytes)
+    seen = _replace_spy(monkeypatch)
+    meta = ex.write_export_dir(blob, owner, tmp_path / "out")
+    assert meta["kind"] == "adapter"
+    assert seen["adapter_model.safetensors"] == 0o600 and "veil_export.json" in seen
+    assert list(seen)[-1] == "veil_export.json"  # metadata last: its presence means complete
+    from safetensors.torch import load_file
+
+    got = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert torch.equal(next(iter(got.values())), torch.ones(2, 4))

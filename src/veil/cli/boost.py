@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import typer
 
+from veil.atomic import atomic_write_text
 from veil.boost.errors import BoostConfigError, BoostInputError
 
 app = typer.Typer(
@@ -379,9 +380,7 @@ def _predict(**kw: Any) -> None:
     score = 1.0 / (1.0 + np.exp(-m)) if pm.objective == "binary:logistic" else m
     lines = ["id,score"] + [f"{i if ids is None else ids[i]},{s:.6f}" for i, s in enumerate(score)]
     if kw["out"] is not None:
-        tmp = Path(str(kw["out"]) + ".tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(kw["out"])
+        atomic_write_text(kw["out"], "\n".join(lines) + "\n")  # temp + fsync + rename (veil.atomic)
         typer.echo(f"wrote {len(score)} predictions to {kw['out']}")
     else:
         typer.echo("\n".join(lines))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from veil.atomic import atomic_write_bytes
 from veil.cli.common import run_cli
 
 app = typer.Typer(
@@ -83,8 +84,7 @@ def package(
     data = build_package(
         model, name=name, version=version, signing_key=sk, data_key=key, key_id=key_id, adapter=adapter
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
+    atomic_write_bytes(out, data)  # a crash never leaves a torn package (veil.atomic)
     typer.echo(f"wrote {out} ({len(data)} bytes, signer {sk.public_bytes.hex()[:16]}…); {where}")
 
 

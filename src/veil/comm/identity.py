@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import hmac
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from veil.atomic import atomic_write_bytes
 from veil.crypto.random import random_below, random_bits
 from veil.errors import ConfigError, InputError
 
@@ -159,14 +159,10 @@ class PartyIdentity:
         if not overwrite and (key_path.exists() or cert_path.exists()):
             raise InputError(f"{d} already holds an identity; refusing to overwrite it")
         ident = cls.generate(name)
-        d.mkdir(parents=True, exist_ok=True)
-        if key_path.exists():
-            key_path.unlink()
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(ident.key_pem)
-        os.chmod(key_path, 0o600)
-        cert_path.write_bytes(ident.cert_pem)
+        # atomic (temp 0600 + fsync + rename): the key is never readable by others, and a crash
+        # leaves the old identity or the new key, never a torn file
+        atomic_write_bytes(key_path, ident.key_pem, mode=0o600)
+        atomic_write_bytes(cert_path, ident.cert_pem, mode=0o644)
         return cls(name=name, key_pem=ident.key_pem, cert_pem=ident.cert_pem, directory=d)
 
     @classmethod
@@ -209,7 +205,7 @@ class PartyIdentity:
         fp = cert_fingerprint(pem)
         peers = self.directory / PEERS_DIR
         peers.mkdir(exist_ok=True)
-        (peers / f"{fp}.pem").write_bytes(pem)
+        atomic_write_bytes(peers / f"{fp}.pem", pem, mode=0o644)
         return fp
 
     def peer_cert(self, fingerprint: str) -> bytes:

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from veil.atomic import atomic_write_text
 from veil.errors import ConfigError, InputError
 
 __all__ = [
@@ -301,9 +302,8 @@ class SimulatedEpcHost:
         )
 
     def _write(self, raw: dict[str, Any]) -> None:
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(raw, sort_keys=True))
-        tmp.replace(self.path)
+        # hardening (issue 9): temp file + fsync + rename + directory fsync (veil.atomic)
+        atomic_write_text(self.path, json.dumps(raw, sort_keys=True), make_parents=False)
 
     def usage(self) -> EpcUsage:
         now = self.clock()

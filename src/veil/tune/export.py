@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from veil.atomic import atomic_write_bytes, atomic_write_text
 from veil.crypto.aead import X25519KeyPair, aead_decrypt, aead_encrypt, hkdf_sha256
 from veil.crypto.random import random_bytes
 from veil.errors import CryptoError, DecryptionError, InputError, IntegrityError
@@ -109,12 +110,15 @@ def write_export_dir(blob: bytes, owner: X25519KeyPair, out_dir: Path) -> dict[s
     raw = decrypt_export(blob, owner)
     tensors, meta = read_payload(raw)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # decrypted weights: owner-only files, each written atomically (veil.atomic); the metadata
+    # file comes last, so its presence means the weights beside it are complete
     if meta.get("kind") == "adapter":
-        (out_dir / "adapter_model.safetensors").write_bytes(bytes(st_save(tensors)))
-        (out_dir / "adapter_config.json").write_text(json.dumps(meta.get("adapter_config", {}), indent=2))
+        atomic_write_bytes(out_dir / "adapter_model.safetensors", bytes(st_save(tensors)), mode=0o600)
+        cfg = json.dumps(meta.get("adapter_config", {}), indent=2)
+        atomic_write_text(out_dir / "adapter_config.json", cfg)
     else:
-        (out_dir / "model.safetensors").write_bytes(bytes(st_save(tensors)))
-    (out_dir / "veil_export.json").write_text(json.dumps(meta, indent=2))
+        atomic_write_bytes(out_dir / "model.safetensors", bytes(st_save(tensors)), mode=0o600)
+    atomic_write_text(out_dir / "veil_export.json", json.dumps(meta, indent=2))
     return dict(meta)
 
 

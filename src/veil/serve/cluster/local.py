@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from veil.atomic import atomic_write_text
 from veil.crypto.random import random_bytes
 from veil.errors import ConfigError
 from veil.serve.errors import ServeError
@@ -55,6 +56,20 @@ class Proc:
     url: str
     popen: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+
+
+def admin_token_file(path: Path) -> str:
+    """The cluster's KMS admin token: read from ``path``, or made and written there.
+
+    Finding H-10: the file used to be created with the umask's mode and chmod-ed afterwards
+    (readable by other local users in between); now it appears, by rename, already 0600 and
+    complete (veil.atomic).
+    """
+    if path.exists():
+        return path.read_text().strip()
+    token = random_bytes(24).hex()
+    atomic_write_text(path, token, mode=0o600)
+    return token
 
 
 @dataclass
@@ -133,13 +148,7 @@ class LocalCluster:
         manifests = [read_package(Path(p)).manifest for p in self.packages]
         token_path = self.state_dir / "admin-token"
         if not self.admin_token:
-            if token_path.exists():
-                self.admin_token = token_path.read_text().strip()
-            else:
-                self.admin_token = random_bytes(24).hex()
-                with token_path.open("w") as fh:
-                    token_path.chmod(0o600)
-                    fh.write(self.admin_token)
+            self.admin_token = admin_token_file(token_path)
         py = sys.executable
         kport = free_port()
         self.kms_url = f"http://127.0.0.1:{kport}"
@@ -171,7 +180,7 @@ class LocalCluster:
 
                 with KMSClient(self.kms_url) as kms:
                     service_cert = self.state_dir / "service-cert.pem"
-                    service_cert.write_text(str(kms.service()["tls_cert_pem"]))
+                    atomic_write_text(service_cert, str(kms.service()["tls_cert_pem"]))
                 self.verify = pinned_context(service_cert)
             scheme = "https" if self.worker_tls else "http"
             wurls = []
