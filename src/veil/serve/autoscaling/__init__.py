@@ -163,6 +163,22 @@ def _check_window(window: MetricsWindow) -> None:
         raise InputError("duplicate host in metrics window")
 
 
+def _check_windows(stable_window_s: float, panic_window_s: float) -> None:
+    if panic_window_s <= 0 or stable_window_s < panic_window_s:
+        raise ConfigError("need 0 < panic_window_s <= stable_window_s")
+
+
+def _windows(
+    window: MetricsWindow, state: ScalerState, now: float, stable_window_s: float, panic_window_s: float
+) -> tuple[dict[str, int], int, list[Sample], list[Sample]]:
+    """What every policy starts from: the validated window's current placement and replica
+    count, and its samples in the stable and the panic window ending at ``now``."""
+    _check_window(window)
+    cur_pl = current_placement(window, state)
+    cur = max(state.replicas, sum(cur_pl.values()))
+    return cur_pl, cur, window.between(now - stable_window_s, now), window.between(now - panic_window_s, now)
+
+
 def current_placement(window: MetricsWindow, state: ScalerState) -> dict[str, int]:
     if state.placement:
         return {h: n for h, n in state.placement.items() if n > 0}
@@ -267,8 +283,7 @@ class SloConfig:
             )
         if self.slo_p99_s <= 0 or not 0 < self.target_utilization <= 1 or self.slots_per_replica < 1:
             raise ConfigError("need slo_p99_s > 0, 0 < target_utilization <= 1, slots_per_replica >= 1")
-        if self.panic_window_s <= 0 or self.stable_window_s < self.panic_window_s:
-            raise ConfigError("need 0 < panic_window_s <= stable_window_s")
+        _check_windows(self.stable_window_s, self.panic_window_s)
         if not 0 < self.scale_down_below < self.scale_up_at or self.max_step_up <= 1:
             raise ConfigError("need 0 < scale_down_below < scale_up_at and max_step_up > 1")
 
@@ -316,11 +331,7 @@ class SloAutoscaler:
 
     def decide(self, window: MetricsWindow, state: ScalerState, now: float) -> Decision:
         c = self.config
-        _check_window(window)
-        cur_pl = current_placement(window, state)
-        cur = max(state.replicas, sum(cur_pl.values()))
-        stable = window.between(now - c.stable_window_s, now)
-        panic = window.between(now - c.panic_window_s, now)
+        cur_pl, cur, stable, panic = _windows(window, state, now, c.stable_window_s, c.panic_window_s)
         if not stable:
             pl, _ = self._fit(window, cur_pl, _clamp(cur, c.min_replicas, c.max_replicas))
             st = replace(state, replicas=sum(pl.values()), placement=pl, reason="no metrics: hold")
@@ -496,8 +507,7 @@ class ConcurrencyConfig:
             raise ConfigError(f"baseline metric must be 'concurrency' or 'cpu', not {self.metric!r}")
         if self.target <= 0 or not 0 < self.min_replicas <= self.max_replicas:
             raise ConfigError("need target > 0 and 0 < min_replicas <= max_replicas")
-        if self.panic_window_s <= 0 or self.stable_window_s < self.panic_window_s:
-            raise ConfigError("need 0 < panic_window_s <= stable_window_s")
+        _check_windows(self.stable_window_s, self.panic_window_s)
 
 
 class ConcurrencyAutoscaler:
@@ -517,11 +527,7 @@ class ConcurrencyAutoscaler:
 
     def decide(self, window: MetricsWindow, state: ScalerState, now: float) -> Decision:
         c = self.config
-        _check_window(window)
-        cur_pl = current_placement(window, state)
-        cur = max(state.replicas, sum(cur_pl.values()))
-        stable = window.between(now - c.stable_window_s, now)
-        panic = window.between(now - c.panic_window_s, now)
+        cur_pl, cur, stable, panic = _windows(window, state, now, c.stable_window_s, c.panic_window_s)
         if not stable:
             st = replace(state, reason="no metrics: hold")
             return Decision(cur, dict(cur_pl) or self._fit(window, {}, cur), st)
