@@ -9,7 +9,16 @@ from types import SimpleNamespace
 import pytest
 
 from veil.errors import InputError
-from veil.tune.data import BBC_LABELS, batch_schedule, bbc_examples, collate, encode_examples, load_jsonl
+from veil.tune.data import (
+    BBC_LABELS,
+    TuneExample,
+    balanced_subset,
+    batch_schedule,
+    bbc_examples,
+    collate,
+    encode_examples,
+    load_jsonl,
+)
 
 
 class CharTokenizer:
@@ -71,3 +80,21 @@ def test_batch_schedule_is_deterministic() -> None:
     assert a == batch_schedule(10, batch_size=3, epochs=2, seed=7)
     assert sorted(i for b in a[:4] for i in b) == list(range(10))
     assert a != batch_schedule(10, batch_size=3, epochs=2, seed=8)
+
+
+def test_balanced_subset_is_class_balanced_fixed_and_from_the_test_split() -> None:
+    _, test = bbc_examples(seed=0)
+    sub = balanced_subset(test, 250)
+    assert len(sub) == 250 and sub == balanced_subset(test, 250)
+    assert [sum(e.label == c for e in sub) for c in range(5)] == [50] * 5
+    assert all(e in test for e in sub)
+    assert len({e.prompt for e in sub}) == 250
+    uneven = balanced_subset(test, 12)
+    assert sorted(sum(e.label == c for e in uneven) for c in range(5)) == [2, 2, 2, 3, 3]
+    # a class that runs out leaves its share to the others
+    skewed = [e for e in test if e.label == 0][:3] + [e for e in test if e.label == 1][:10]
+    assert [e.label for e in balanced_subset(skewed, 8)] == [0, 1, 0, 1, 0, 1, 1, 1]
+    with pytest.raises(InputError, match="only 13"):
+        balanced_subset(skewed, 14)
+    with pytest.raises(InputError, match="labelled"):
+        balanced_subset([TuneExample(prompt="p", completion=" c")], 1)

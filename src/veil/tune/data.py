@@ -30,6 +30,7 @@ __all__ = [
     "Batch",
     "EncodedExample",
     "TuneExample",
+    "balanced_subset",
     "batch_schedule",
     "bbc_examples",
     "collate",
@@ -189,6 +190,31 @@ def bbc_examples(
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
+
+
+def balanced_subset(examples: Sequence[TuneExample], n: int) -> list[TuneExample]:
+    """The first ``n`` labelled examples taken class by class in turn (round-robin over the
+    classes present, in order of appearance within each class), so every class gets
+    ``n // C`` or one more while it has examples left; a fixed, deterministic evaluation set.
+    """
+    if n <= 0:
+        raise ConfigError("the subset size must be positive")
+    by_class: dict[int, list[TuneExample]] = {}
+    for e in examples:
+        if e.label is None:
+            raise InputError("a class-balanced subset needs labelled examples")
+        by_class.setdefault(e.label, []).append(e)
+    if n > len(examples):
+        raise InputError(f"asked for {n} examples, only {len(examples)} available")
+    queues = [by_class[c] for c in sorted(by_class)]
+    out: list[TuneExample] = []
+    depth = 0
+    while len(out) < n:
+        for q in queues:
+            if depth < len(q) and len(out) < n:
+                out.append(q[depth])
+        depth += 1
+    return out
 
 
 def load_jsonl(path: str | Path) -> list[TuneExample]:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 import numpy as np
 import torch
@@ -66,7 +66,15 @@ from veil.tune.split import (
     head_sequence_logprobs,
 )
 
-__all__ = ["HostAction", "TuneEnclave", "read_checkpoint", "serve_host", "write_checkpoint"]
+__all__ = [
+    "EnclaveTrainerBase",
+    "HostAction",
+    "TrainerSettings",
+    "TuneEnclave",
+    "read_checkpoint",
+    "serve_host",
+    "write_checkpoint",
+]
 
 log = logging.getLogger("veil.tune")
 
@@ -82,8 +90,9 @@ class HostAction:
     done: bool = False
 
 
-class TuneEnclave:
-    """Enclave-resident trainer: server part + adapter + AdamW + step counter + session."""
+class EnclaveTrainerBase:
+    """What every tune enclave object holds: the TEE, the server part, its adapter and the
+    AdamW settings (shared by :class:`TuneEnclave` and the multi-client enclave)."""
 
     def __init__(
         self,
@@ -94,8 +103,6 @@ class TuneEnclave:
         model_id: str,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        checkpoint_every: int = 0,
-        max_grad_norm: float | None = None,
     ) -> None:
         self.enclave = enclave
         self.part = part
@@ -103,6 +110,36 @@ class TuneEnclave:
         self.model_id = model_id
         self.lr = lr
         self.weight_decay = weight_decay
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the adapter's trainable parameters."""
+        return torch.optim.AdamW(
+            self.adapter.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay
+        )
+
+
+class TrainerSettings(TypedDict, total=False):
+    """Keyword settings of :class:`EnclaveTrainerBase` (``model_id`` required)."""
+
+    model_id: Required[str]
+    lr: float
+    weight_decay: float
+
+
+class TuneEnclave(EnclaveTrainerBase):
+    """Enclave-resident trainer: server part + adapter + AdamW + step counter + session."""
+
+    def __init__(
+        self,
+        enclave: Enclave,
+        part: ServerPart,
+        adapter: ServerAdapter,
+        *,
+        checkpoint_every: int = 0,
+        max_grad_norm: float | None = None,
+        **settings: Unpack[TrainerSettings],
+    ) -> None:
+        super().__init__(enclave, part, adapter, **settings)
         self.checkpoint_every = checkpoint_every
         self.max_grad_norm = max_grad_norm
         self._optimizer: torch.optim.Optimizer | None = None
@@ -135,9 +172,7 @@ class TuneEnclave:
         """AdamW over the adapter's parameters (created on first use: an SPF adapter scored by
         gradient magnitude selects its weights on the first training micro-batch)."""
         if self._optimizer is None:
-            self._optimizer = torch.optim.AdamW(
-                self.adapter.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay
-            )
+            self._optimizer = self.new_optimizer()
         return self._optimizer
 
     def _needs_calibration(self) -> bool:
@@ -371,7 +406,7 @@ class TuneEnclave:
         adapter_state = {k[len("adapter/") :]: v for k, v in tensors.items() if k.startswith("adapter/")}
         self.adapter.load_adapter_state(adapter_state)
         params = self.adapter.trainable_parameters()
-        self._optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        self._optimizer = self.new_optimizer()
         for i, p in enumerate(params):
             if f"opt/{i}/exp_avg" in tensors:
                 self._optimizer.state[p] = {

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ from veil.tee import (
 from veil.tune.adapters import ServerAdapter
 from veil.tune.client import TuneClient
 from veil.tune.data import EncodedExample, batch_schedule, collate
-from veil.tune.enclave_server import HostAction, TuneEnclave
+from veil.tune.enclave_server import EnclaveTrainerBase, HostAction, TrainerSettings, TuneEnclave
 from veil.tune.messages import Sealed
 from veil.tune.split import ClientPart, ServerPart, head_loss
 
@@ -215,7 +215,7 @@ class ClientOutcome:
         return self.excluded is None
 
 
-class MultiClientTuneEnclave:
+class MultiClientTuneEnclave(EnclaveTrainerBase):
     """One server part + adapter + optimizer shared by several attested client sessions."""
 
     def __init__(
@@ -224,19 +224,12 @@ class MultiClientTuneEnclave:
         part: ServerPart,
         adapter: ServerAdapter,
         *,
-        model_id: str,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
         client_verifier: Verifier | None = None,
+        **settings: Unpack[TrainerSettings],
     ) -> None:
-        self.enclave = enclave
-        self.part = part
-        self.adapter = adapter
-        self.model_id = model_id
-        self.lr = lr
-        self.weight_decay = weight_decay
+        super().__init__(enclave, part, adapter, **settings)
         self.client_verifier = client_verifier
-        self.optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=lr, weight_decay=weight_decay)
+        self.optimizer = self.new_optimizer()
         self.views: dict[str, TuneEnclave] = {}
         self._grads: dict[str, list[torch.Tensor | None]] = {}
         self._lock = threading.RLock()
@@ -257,11 +250,7 @@ class MultiClientTuneEnclave:
                 lr=self.lr,
                 weight_decay=self.weight_decay,
             )
-            # one optimizer for the shared adapter (TuneEnclave may expose it as a lazy property)
-            if isinstance(getattr(type(v), "optimizer", None), property):
-                v._optimizer = self.optimizer
-            else:
-                setattr(v, "optimizer", self.optimizer)  # noqa: B010 - older TuneEnclave: plain attribute
+            v._optimizer = self.optimizer  # one optimizer for the shared adapter
             self.views[client_id] = v
             self._grads[client_id] = [None] * len(self.adapter.trainable_parameters())
         return v
