@@ -382,3 +382,26 @@ def test_bit_window_and_suffix_or(dealer: bool) -> None:
         np.testing.assert_array_equal(b0 ^ b1, want)
         suffix = np.flip(np.maximum.accumulate(np.flip(want, axis=0), axis=0), axis=0)
         np.testing.assert_array_equal(s0 ^ s1, suffix)
+
+
+def test_ot_cross_product_and_square() -> None:
+    """cross_product gives shares of x0 * x1 mod 2^64 (odd sizes, both directions); MPC.square on
+    it equals the plaintext square within the truncation bound."""
+    kp = he.keygen(scheme="ou", key_bits=1024, backend="heu" if "heu" in he.available_backends() else None)
+    rng = np.random.default_rng(17)
+    vals = [rng.integers(0, 2**64 - 1, 37, dtype=np.uint64, endpoint=True) for _ in range(2)]
+    x = rng.uniform(-1500, 1500, 41)  # x^2 < 2^22: the truncation range
+    xs = share_floats(x, FXP)
+
+    def role(p: int) -> Any:
+        def f(ch: Channel) -> Any:
+            src = HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, timeout=60)
+            mpc = MPC(ch, p, src, FXP, timeout=60)
+            return src.cross_product(vals[p]), mpc.reveal_float(mpc.square(xs[p]))
+
+        return f
+
+    (z0, sq), (z1, _) = run_parties(role(0), role(1), timeout=120)
+    np.testing.assert_array_equal(z0 + z1, vals[0] * vals[1])
+    ref = FXP.decode(FXP.encode(x)) ** 2
+    assert np.max(np.abs(sq - ref)) <= 2 * 2.0**-20  # truncation: floor or one ulp less

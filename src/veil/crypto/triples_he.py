@@ -261,6 +261,12 @@ class HomomorphicTriples:
         out: U64 = self._ot_engine().bit_product(mine)
         return out
 
+    def cross_product(self, mine: U64) -> U64:
+        """Shares of ``x0 * x1`` for private ring values (64 OTs per element in total, half a
+        Beaver triple's). Used by :meth:`MPC.square` when present."""
+        out: U64 = self._ot_engine().cross_product(mine)
+        return out
+
     def bit_mul(self, bit_share: U64, x_share: U64) -> U64:
         """Shares of ``b * x`` for a shared bit ``b`` (one OT per element and direction instead
         of a Beaver triple). Used by :meth:`MPC.mul_bits` when present."""
