@@ -149,6 +149,7 @@ def run_one(
     m.fit(xtr, ytr)
     run["seconds_xgboost"] = round(time.perf_counter() - t0, 3)
     run["auc_xgboost"] = round(float(roc_auc_score(yte, m.predict_proba(xte)[:, 1])), 5)
+    run["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
     try:
         s0, s1, dealer = triple_sources(triples)
         t0 = time.perf_counter()
@@ -171,6 +172,7 @@ def run_one(
     run.update(
         {
             "status": "ok",
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "trust": ra["trust"],
             "seconds": round(res_a.seconds, 2),
             "seconds_wall_incl_prediction": round(wall, 2),
@@ -182,6 +184,9 @@ def run_one(
             "bytes_sent_passive": int(res_b.bytes_sent),
             "rounds": int(res_a.rounds),
             "he_ops": int(res_a.he_ops + res_b.he_ops),
+            "he_ops_per_second": _rate(
+                res_a.he_ops + res_b.he_ops, res_a.time_split.get("he", 0.0) + res_b.time_split.get("he", 0.0)
+            ),
             "time_split": {
                 "he": round(res_a.time_split.get("he", 0.0), 2),
                 "triples": round(res_a.time_split.get("triples", 0.0), 2),
@@ -192,6 +197,16 @@ def run_one(
         }
     )
     return run
+
+
+def _rate(ops: int, seconds: float) -> float | None:
+    """HE operations per second of HE time (both parties; includes key generation)."""
+    return round(ops / seconds, 1) if ops and seconds > 0 else None
+
+
+def _run_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    """What identifies a benchmark configuration (``--merge`` replaces runs with the same key)."""
+    return tuple(r.get(k) for k in ("rows", "algorithm", "triples", "n_estimators", "max_depth", "max_bin"))
 
 
 def binning_check(rows: int, trees: int, depth: int, max_bins: list[int]) -> list[dict[str, Any]]:
@@ -302,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600.0, help="per run")
     ap.add_argument("--out", default=str(RESULTS / "boost.json"))
     ap.add_argument("--append", action="store_true", help="add to the runs already in --out")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the runs already in --out (e.g. another engineer's dealer-free rows) and replace "
+        "only those with the same rows/algorithm/triples/trees/depth/max_bin as a run of this call",
+    )
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out and exit")
     ap.add_argument(
         "--binning-check",
@@ -321,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only:
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
         return 0
-    runs: list[dict[str, Any]] = json.loads(out.read_text()) if args.append and out.exists() else []
+    keep_old = (args.append or args.merge) and out.exists()
+    runs: list[dict[str, Any]] = json.loads(out.read_text()) if keep_old else []
     if args.binning_check is not None:
         for n in args.rows or [10_000]:
             runs += binning_check(n, args.trees or 10, args.depth or 5, args.binning_check or [16, 32, 64])
@@ -364,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
                     if r.get("status") != "ok" or r.get("seconds", 0) > args.budget:
                         slow.add((alg, tk))
                 r["meta"] = meta
+                if args.merge:
+                    runs = [old for old in runs if _run_key(old) != _run_key(r)]
                 runs.append(r)
                 out.write_text(json.dumps(runs, indent=1))
     table = Table(title="veil.boost benchmark (secure training vs plaintext xgboost)")
@@ -380,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds",
         "he ops",
         "he / triples / ss / network s",
+        "load 1m",
     ):
         table.add_column(col, justify="right")
     for r in runs:
@@ -399,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             str(r.get("rounds", "-")),
             str(r.get("he_ops", "-")),
             " / ".join(str(ts.get(k, "-")) for k in ("he", "triples", "ss_rounds", "network")),
+            str(r.get("load_average_before", ["-"])[0]),
         )
     console.print(table)
     plot(runs, out.with_suffix(".png"))

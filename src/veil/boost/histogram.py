@@ -33,7 +33,7 @@ from veil.crypto.mpc_ring import ring_matmul
 from veil.crypto.random import random_int_array
 from veil.crypto.sharing import AShare
 
-__all__ = ["HEAggregator", "OneHotSums", "SSAggregator", "onehot_bucket_sums"]
+__all__ = ["HEAggregator", "OneHotSums", "SSAggregator", "level_sums", "onehot_bucket_sums"]
 
 U64 = npt.NDArray[np.uint64]
 I32 = npt.NDArray[np.int32]
@@ -264,69 +264,93 @@ class HEAggregator(_Aggregator):
         return out.reshape(rows, per * self.slots)[:, :c]
 
     def sums(self, v: AShare) -> AShare:
-        mpc = self.mpc
-        c = v.shape[1]
-        k = self.n_features * self.n_bins
-        if k == 0:
-            return AShare(np.zeros((0, c), np.uint64), mpc.party, v.frac_bits)
+        """Shares of ``M^T v`` (one direction; :func:`level_sums` runs both at once)."""
+        if self.mpc.party != self.holder:
+            self.send_share(v)
+            return self.receive_sums(v)
+        return self.answer(v)
+
+    def _begin(self, v: AShare) -> tuple[str, int] | None:
+        """Next call's stage and ciphertexts per row; None when the owner has no features."""
+        if self.k == 0:
+            return None
         self.calls += 1
-        st = f"{self.stage}/{self.calls}"
-        per = math.ceil(c / self.slots)
-        ch = mpc.channel
+        return f"{self.stage}/{self.calls}", math.ceil(v.shape[1] / self.slots)
+
+    def send_share(self, v: AShare) -> None:
+        """Non-owner, step 1: encrypt this party's share of ``v`` (packed) and send it."""
+        st = self._begin(v)
+        if st is None:
+            return
+        t0 = time.perf_counter()
+        ct = self.my_keys.public.encrypt(self._pack(v.values))
+        data = ct.to_bytes()
+        self.timing.add("he", time.perf_counter() - t0)
+        self.timing.he_ops += len(ct)
+        self.mpc.channel.send(CiphertextBatch(f"{st[0]}/enc", data, len(ct)))
+
+    def receive_sums(self, v: AShare) -> AShare:
+        """Non-owner, step 2: decrypt the masked bucket sums; keeps ``sum + r mod 2^64``."""
+        c, k = v.shape[1], self.k
+        if k == 0:
+            return AShare(np.zeros((0, c), np.uint64), self.mpc.party, v.frac_bits)
         from veil.crypto.he.base import CiphertextArray
 
-        if mpc.party != self.holder:
-            t0 = time.perf_counter()
-            ct = self.my_keys.public.encrypt(self._pack(v.values))
-            data = ct.to_bytes()
-            self.timing.add("he", time.perf_counter() - t0)
-            self.timing.he_ops += len(ct)
-            ch.send(CiphertextBatch(f"{st}/enc", data, len(ct)))
-            msg = ch.recv(CiphertextBatch)
-            expect_stage(msg.stage, f"{st}/sums")
-            t0 = time.perf_counter()
-            back = CiphertextArray.from_bytes(self.my_keys.public, msg.data)
-            if len(back) != k * per:
-                raise BoostProtocolError(f"expected {k * per} bucket-sum ciphertexts, got {len(back)}")
-            ints = self.my_keys.secret.decrypt(back)
-            bound = 1 << (self.slots * self.slot_bits)
-            if any(x < 0 or x >= bound for x in ints):
-                raise BoostProtocolError("decrypted bucket sum out of range")
-            self.timing.add("he", time.perf_counter() - t0)
-            self.timing.he_ops += len(back)
-            z = self._unpack(ints, k, c)
-        else:
-            if self.bins is None:
-                raise BoostProtocolError("feature owner has no bins")
-            msg = ch.recv(CiphertextBatch)
-            expect_stage(msg.stage, f"{st}/enc")
-            t0 = time.perf_counter()
-            ct = CiphertextArray.from_bytes(self.peer_pk, msg.data)
-            if len(ct) != self.n * per:
-                raise BoostProtocolError(f"expected {self.n * per} ciphertexts, got {len(ct)}")
-            # the owner's own share is added after aggregation: sum(x_own) per bucket in plaintext
-            # (K plaintext additions instead of n)
-            cols = []
-            for j in range(per):
-                cols.append(ct[np.arange(j, self.n * per, per)].bucket_sums(self.bins, self.n_bins))
-            # interleave back to (k, per) row-major
-            joined = CiphertextArray.concat(cols)
-            order = np.arange(k * per).reshape(per, k).T.ravel()
-            summed = joined[order]
-            own = self._own_sums(v.values)  # (k, c)
-            pad = per * self.slots - c
-            if pad:
-                own = np.concatenate([own, np.zeros((k, pad), np.uint64)], axis=1)
-            own_flat = own.reshape(k * per * self.slots).tolist()
-            r = random_int_array(k * per * self.slots, self.slot_bits - 1)
-            rr = np.array([x & ((1 << 64) - 1) for x in r], dtype=np.uint64).reshape(k * per, self.slots)
-            masks = self._pack_ints([a + b for a, b in zip(own_flat, r, strict=True)], k * per)
-            out = (summed + masks).rerandomize()
-            self.timing.add("he", time.perf_counter() - t0)
-            self.timing.he_ops += len(ct) * self.n_features + 2 * len(out)
-            ch.send(CiphertextBatch(f"{st}/sums", out.to_bytes(), len(out)))
-            z = (np.zeros_like(rr) - rr).reshape(k, per * self.slots)[:, :c]
-        return AShare(np.ascontiguousarray(z), mpc.party, v.frac_bits)
+        per = math.ceil(c / self.slots)
+        msg = self.mpc.channel.recv(CiphertextBatch)
+        expect_stage(msg.stage, f"{self.stage}/{self.calls}/sums")
+        t0 = time.perf_counter()
+        back = CiphertextArray.from_bytes(self.my_keys.public, msg.data)
+        if len(back) != k * per:
+            raise BoostProtocolError(f"expected {k * per} bucket-sum ciphertexts, got {len(back)}")
+        ints = self.my_keys.secret.decrypt(back)
+        bound = 1 << (self.slots * self.slot_bits)
+        if any(x < 0 or x >= bound for x in ints):
+            raise BoostProtocolError("decrypted bucket sum out of range")
+        self.timing.add("he", time.perf_counter() - t0)
+        self.timing.he_ops += len(back)
+        return AShare(np.ascontiguousarray(self._unpack(ints, k, c)), self.mpc.party, v.frac_bits)
+
+    def answer(self, v: AShare) -> AShare:
+        """Owner: bucket-sum the peer's ciphertexts, add its own share's sums and a mask, reply."""
+        c, k = v.shape[1], self.k
+        st = self._begin(v)
+        if st is None:
+            return AShare(np.zeros((0, c), np.uint64), self.mpc.party, v.frac_bits)
+        stage, per = st
+        from veil.crypto.he.base import CiphertextArray
+
+        if self.bins is None:
+            raise BoostProtocolError("feature owner has no bins")
+        msg = self.mpc.channel.recv(CiphertextBatch)
+        expect_stage(msg.stage, f"{stage}/enc")
+        t0 = time.perf_counter()
+        ct = CiphertextArray.from_bytes(self.peer_pk, msg.data)
+        if len(ct) != self.n * per:
+            raise BoostProtocolError(f"expected {self.n * per} ciphertexts, got {len(ct)}")
+        # the owner's own share is added after aggregation: sum(x_own) per bucket in plaintext
+        # (K plaintext additions instead of n)
+        cols = []
+        for j in range(per):
+            cols.append(ct[np.arange(j, self.n * per, per)].bucket_sums(self.bins, self.n_bins))
+        # interleave back to (k, per) row-major
+        joined = CiphertextArray.concat(cols)
+        order = np.arange(k * per).reshape(per, k).T.ravel()
+        summed = joined[order]
+        own = self._own_sums(v.values)  # (k, c)
+        pad = per * self.slots - c
+        if pad:
+            own = np.concatenate([own, np.zeros((k, pad), np.uint64)], axis=1)
+        own_flat = own.reshape(k * per * self.slots).tolist()
+        r = random_int_array(k * per * self.slots, self.slot_bits - 1)
+        rr = np.array([x & ((1 << 64) - 1) for x in r], dtype=np.uint64).reshape(k * per, self.slots)
+        masks = self._pack_ints([a + b for a, b in zip(own_flat, r, strict=True)], k * per)
+        out = (summed + masks).rerandomize()
+        self.timing.add("he", time.perf_counter() - t0)
+        self.timing.he_ops += len(ct) * self.n_features + 2 * len(out)
+        self.mpc.channel.send(CiphertextBatch(f"{stage}/sums", out.to_bytes(), len(out)))
+        z = (np.zeros_like(rr) - rr).reshape(k, per * self.slots)[:, :c]
+        return AShare(np.ascontiguousarray(z), self.mpc.party, v.frac_bits)
 
     def _pack_ints(self, r: list[int], count: int) -> list[int]:
         out = []
@@ -337,3 +361,20 @@ class HEAggregator(_Aggregator):
                 acc = (acc << sb) | r[i * self.slots + s]
             out.append(acc)
         return out
+
+
+def level_sums(aggs: list[Any], v: AShare) -> list[AShare]:
+    """Bucket sums of ``v`` over both parties' features: ``[holder 0's, holder 1's]``.
+
+    For ``he-agg`` both directions run at once (each party encrypts its share for the peer's
+    features while the peer does the same, then each answers as owner, then each decrypts), so
+    the two parties' HE work overlaps instead of taking turns.
+    """
+    if not all(isinstance(a, HEAggregator) for a in aggs):
+        return [agg.sums(v) for agg in aggs]
+    party = aggs[0].mpc.party
+    mine, theirs = aggs[party], aggs[1 - party]
+    theirs.send_share(v)
+    own = mine.answer(v)
+    other = theirs.receive_sums(v)
+    return [own, other] if party == 0 else [other, own]

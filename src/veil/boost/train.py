@@ -37,7 +37,7 @@ import numpy.typing as npt
 
 from veil.boost.binning import QuantileBinner
 from veil.boost.errors import BoostConfigError, BoostProtocolError
-from veil.boost.histogram import HEAggregator, SSAggregator, _Timed
+from veil.boost.histogram import HEAggregator, SSAggregator, _Timed, level_sums
 from veil.boost.messages import BOOST_PROTOCOL_VERSION, EarlyStop, Hello, HelloAck, TreeDone
 from veil.boost.model import PartyModel, PartyTree
 from veil.boost.params import BoostParams
@@ -351,12 +351,12 @@ class _Trainer:
             kk = sel.shape[2]
             v = AShare(np.ascontiguousarray(sel.values.transpose(1, 0, 2).reshape(n, 2 * kk)), self.party, f)
             hists = []
-            for holder in (0, 1):
+            for holder, summed in enumerate(level_sums(aggs, v)):
                 fh = self.n_feats[holder]
-                s = aggs[holder].sums(v).values.reshape(fh, nb, 2, kk).transpose(2, 3, 0, 1)
+                hist = summed.values.reshape(fh, nb, 2, kk).transpose(2, 3, 0, 1)
                 if level > 0:
-                    s = _interleave(s, parent_hist[holder] - s, axis=1)
-                hists.append(np.ascontiguousarray(s))
+                    hist = _interleave(hist, parent_hist[holder] - hist, axis=1)
+                hists.append(np.ascontiguousarray(hist))
             parent_hist = hists
             # 2. candidate sums (2, k, C)
             cs = np.concatenate([_cand_sums(h, mb, d) for h, d in zip(hists, self.dirs, strict=True)], axis=2)
