@@ -108,7 +108,10 @@ def start_stack(tmp: Path, *, model_name: str = "tiny") -> Stack:
         allow_simulated=True,
         simulated_platform_keys={platform_public_key().hex()},
     )
-    svc = KMSService(KMSConfig(state_dir=tmp / "kms", admin_token=ADMIN_TOKEN, policy=policy))
+    # the fuzz campaign is one client opening thousands of key-release sessions it never uses;
+    # the per-client session budget itself is tested in test_limits_serve.py
+    svc = KMSService(KMSConfig(state_dir=tmp / "kms", admin_token=ADMIN_TOKEN, policy=policy,
+                               max_sessions_per_client=1_000_000))
     kms = serve_in_thread(kms_app(svc))
     key, kid = random_bytes(32), random_bytes(16).hex()
     sk = signing.SigningKey.generate()
