@@ -231,6 +231,33 @@ def _cand_sums(hist: U64, max_bin: int, both_dirs: bool) -> U64:
     return both.reshape(two, nodes, feats * 2 * max_bin)
 
 
+def _comparison_bits(frac: int, n: int, p: BoostParams, div_lo: float, div_hi: float) -> dict[str, int]:
+    """Bit bounds promised to ``ltz`` / ``argmax`` / ``sigmoid`` (fewer AND gates than 63).
+
+    * ``hess``: ``|H_child - min_child_weight| < div_hi + mcw`` (child hessian sums lie in
+      ``[0, div_hi)``);
+    * ``gain``: a gain is ``G^2 / (H + lambda) <= n^2 / lambda`` (``|g| <= 1`` per row for
+      logistic loss) or the invalid marker ``-2^30``; differences stay below twice the sum;
+      regression gradients have no a-priori bound, so it keeps 63 bits;
+    * ``margin``: ``|margin| <= |base| + trees * eta * n / lambda`` plus sigmoid's clamp 32;
+    * ``gain`` also covers ``parent + gamma - best`` (the "split is worth it" comparison).
+    Each bound gets one spare bit; never above 63.
+    """
+
+    def at(real: float) -> int:
+        return min(63, frac + max(1, math.ceil(math.log2(real + 1.0))) + 1)
+
+    lam = max(p.reg_lambda, div_lo)
+    hess = at(div_hi + p.min_child_weight + 1.0)
+    if p.objective != "binary:logistic":
+        return {"hess": hess, "gain": 63, "margin": 63}
+    gain = at(2.0 * (float(n) ** 2 / lam + 2.0**INVALID_GAIN_BITS) + p.gamma)
+    # |logit(base_score)| <= log(1e6) < 16 (base_score is clipped to [1e-6, 1 - 1e-6]); the
+    # bound uses public parameters only, so both parties promise the same widths
+    margin = at(16.0 + p.n_estimators * p.learning_rate * n / lam + 32.0)
+    return {"hess": hess, "gain": gain, "margin": margin}
+
+
 class _Trainer:
     def __init__(
         self,
@@ -267,6 +294,7 @@ class _Trainer:
             raise BoostConfigError(
                 f"{self.n} rows need more fixed-point fraction bits; use fewer rows per run"
             )
+        self.cmp_bits = _comparison_bits(self.fxp.frac_bits, self.n, params, self.div_lo, self.div_hi)
 
     # -- helpers
     def enc(self, x: float) -> U64:
@@ -308,7 +336,7 @@ class _Trainer:
         """Shares of (g, h) stacked as (2, n)."""
         mpc = self.mpc
         if self.p.objective == "binary:logistic":
-            prob = mpc.sigmoid(margin)
+            prob = mpc.sigmoid(margin, bits=self.cmp_bits["margin"])
             g = prob - y
             h = mpc.mul(prob, self.enc(1.0) - prob)
             return AShare(np.stack([g.values, h.values]), self.party, self.fxp.frac_bits)
@@ -373,20 +401,21 @@ class _Trainer:
             num_s = AShare(num, self.party, f)
             den_s = AShare(den, self.party, f) + lam
             inv_in = AShare(np.stack([hl, hr]), self.party, f) - self.enc(p.min_child_weight)
-            bits = mpc.ltz(inv_in)  # [HL < mcw], [HR < mcw]
+            bits = mpc.ltz(inv_in, bits=self.cmp_bits["hess"])  # [HL < mcw], [HR < mcw]
+            (inv_both,) = mpc.mul_bits([(bits[0], bits[1])])
             q = mpc.div(num_s, den_s, lo=self.div_lo, hi=self.div_hi)
-            prod, inv_both = mpc.mul_many([(num_s, q), (bits[0], bits[1])])
+            prod = mpc.mul(num_s, q)
             m = k * n_c
             gain = AShare(prod.values[:m] + prod.values[m : 2 * m], self.party, f).reshape(k, n_c)
             parent_term = prod[2 * m :]
             weights.append(mpc.mul_public(q[2 * m :], -p.learning_rate))
             inv = bits[0] + bits[1] - inv_both
             big = self.enc(float(2**INVALID_GAIN_BITS))
-            gain = gain - mpc.mul(inv, gain + big)
+            gain = gain - mpc.mul_bits([(inv, gain + big)])[0]
             # 4. argmax over all candidates of every node
-            onehot, best = mpc.argmax(gain, axis=-1)
+            onehot, best = mpc.argmax(gain, axis=-1, bits=self.cmp_bits["gain"])
             thr = parent_term + self.enc(p.gamma + SPLIT_EPS) - best
-            valids.append(mpc.ltz(thr))  # 1 iff best - parent > gamma + eps
+            valids.append(mpc.ltz(thr, bits=self.cmp_bits["gain"]))  # 1 iff best - parent > gamma + eps
             # 5. reveal each party's block of the one-hot only to that party
             off = (0, self.n_cand[0])
             mine: U64 | None = None
