@@ -54,6 +54,12 @@ def serve(
     tee: str = typer.Option("simulated", help="TEE backend the KMS seals its state with."),
     tls_cert: Path | None = typer.Option(None, help="Serve HTTPS with this certificate (PEM)."),
     tls_key: Path | None = typer.Option(None, help="Private key of --tls-cert (PEM)."),
+    max_sessions_per_client: int | None = typer.Option(
+        None,
+        help="Open key-release sessions per client address "
+        "(default VEIL_LIMIT_MAX_CONCURRENT_SESSIONS_PER_CLIENT).",
+    ),
+    max_body_bytes: int = typer.Option(1 << 20, help="Largest request body accepted (413 beyond)."),
     verbose: bool = typer.Option(False, "-v"),
 ) -> None:
     """Run the KMS."""
@@ -93,6 +99,8 @@ def serve(
         tee_backend=tee,
         host=host,
         port=port,
+        max_sessions_per_client=max_sessions_per_client,
+        max_body_bytes=max_body_bytes,
     )
     run_kms(cfg, certfile=tls_cert, keyfile=tls_key)
 

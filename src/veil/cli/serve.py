@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -161,6 +162,12 @@ def worker(
         False, "--tls", help="Serve HTTPS with the shared service identity from the KMS."
     ),
     enclave_threads: int = typer.Option(1, help="Requests computed at once inside the enclave (TCS count)."),
+    max_body_bytes: int | None = typer.Option(
+        None, help="Largest request body (413 beyond; default VEIL_LIMIT_MAX_REQUEST_BODY_BYTES)."
+    ),
+    e2e_replay_window_s: float = typer.Option(
+        120.0, help="An E2E request is accepted once, within this many seconds of its sealing."
+    ),
     verbose: bool = typer.Option(False, "-v"),
 ) -> None:
     """Run one enclave worker: attest, fetch keys, decrypt the model in memory, serve KServe v2."""
@@ -183,6 +190,8 @@ def worker(
             debug_enclave=debug_enclave,
             tls=tls,
             enclave_threads=enclave_threads,
+            max_body_bytes=max_body_bytes,
+            e2e_replay_window_s=e2e_replay_window_s,
         )
     )
 
@@ -199,6 +208,21 @@ def gateway(
     admin_token_file: Path | None = typer.Option(
         None, help="Token enabling POST/DELETE /veil/v1/replicas (add / drain replicas at run time)."
     ),
+    request_timeout_s: float | None = typer.Option(
+        None,
+        help="Budget of one request, retries included (504 after; default VEIL_LIMIT_REQUEST_TIMEOUT_S).",
+    ),
+    replica_timeout_s: float | None = typer.Option(
+        None, help="One replica's share of the budget before failing over (default: all of it)."
+    ),
+    max_body_bytes: int | None = typer.Option(
+        None, help="Largest request body (413 beyond; default VEIL_LIMIT_MAX_REQUEST_BODY_BYTES)."
+    ),
+    max_inflight_per_client: int | None = typer.Option(
+        None,
+        help="Requests in flight per client address "
+        "(429 beyond; default VEIL_LIMIT_MAX_INFLIGHT_REQUESTS_PER_CLIENT).",
+    ),
     verbose: bool = typer.Option(False, "-v"),
 ) -> None:
     """Run the KServe v2 gateway in front of the workers."""
@@ -207,6 +231,7 @@ def gateway(
 
     _logging(verbose)
     host, port = parse_listen(listen)
+    timeout: dict[str, Any] = {} if request_timeout_s is None else {"request_timeout_s": request_timeout_s}
     run_gateway(
         GatewayConfig(
             workers=list(worker_urls),
@@ -217,6 +242,10 @@ def gateway(
             capture_file=capture_file,
             worker_ca=worker_ca,
             admin_token=_read_token(admin_token_file),
+            replica_timeout_s=replica_timeout_s,
+            max_body_bytes=max_body_bytes,
+            max_inflight_per_client=max_inflight_per_client,
+            **timeout,
         )
     )
 
