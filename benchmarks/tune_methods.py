@@ -75,8 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=None, help="comma-separated subset (default: all)")
     p.add_argument("--no-attacks", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (every thread of the run inherits it); with 2 on a shared 2-core "
+        "machine, OpenMP barrier stalls made single runs 10x slower than others",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "tune_methods.json")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     a.steps = a.steps or (4 if a.quick else 24)
     a.batch_size = a.batch_size or (2 if a.quick else 4)
     a.max_length = a.max_length or (48 if a.quick else 96)
@@ -166,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
             "torch_threads": torch.get_num_threads(),
+            "loadavg_end": list(os.getloadavg()),
             "note": "shared 2-core machine with many other jobs running: timings are noisy and slow",
         },
         "results": rows,

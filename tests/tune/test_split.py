@@ -7,7 +7,7 @@ import torch
 
 from veil.errors import ConfigError, InputError
 from veil.tune.adapters import LoRAAdapter, PrefixAdapter
-from veil.tune.split import causal_lm_loss, client_part, server_part
+from veil.tune.split import causal_lm_loss, client_part, server_part, set_mode
 
 
 def _models():  # type: ignore[no-untyped-def]
@@ -118,3 +118,20 @@ def test_bad_cut_and_too_long_sequence_are_clear_errors() -> None:
         client_part(m, 1)(torch.randint(3, 64, (1, 65)))
     with pytest.raises(ConfigError, match="cannot split"):
         client_part(torch.nn.Linear(2, 2), 1)
+
+
+def test_set_mode_switches_the_whole_part_and_skips_the_walk_when_unchanged() -> None:
+    model = MODELS["llama"]
+    model.eval()
+    part = server_part(model, 2)
+    assert part.training and not part.layers["2"].training  # fresh root flag disagrees with its copies
+    set_mode(part, True)
+    assert all(m.training for m in part.modules())
+    layer = part.layers["2"]
+    layer.eval()  # a marker: an unchanged root mode must not walk the submodules again
+    set_mode(part, True)
+    assert not layer.training and part.training
+    set_mode(part, False)
+    assert not any(m.training for m in part.modules())
+    set_mode(part, True)
+    assert all(m.training for m in part.modules())

@@ -64,6 +64,7 @@ from veil.tune.split import (
     head_last_logprobs,
     head_loss,
     head_sequence_logprobs,
+    set_mode,
 )
 
 __all__ = [
@@ -312,7 +313,7 @@ class TuneEnclave(EnclaveTrainerBase):
             calibrate: Any = getattr(self.adapter, "calibrate")  # noqa: B009
             calibrate(h, mask, pos, labels)
             log.info("SPF weights selected by gradient magnitude on the first micro-batch")
-        self.part.train()
+        set_mode(self.part, True)
         loss = head_loss(self.adapter.final_hidden(h, mask, pos), self.part.lm_head, labels)
         (loss / req.n_micro).backward()
         applied = False
@@ -337,7 +338,7 @@ class TuneEnclave(EnclaveTrainerBase):
 
     def _eval(self, req: EvalBatch) -> EvalResult:
         h, mask, pos, labels = self._tensors(req.hidden, req.attention_mask, req.position_ids, req.labels)
-        self.part.eval()
+        set_mode(self.part, False)
         with torch.no_grad():
             fh = self.adapter.final_hidden(h, mask, pos)
             if req.candidates:

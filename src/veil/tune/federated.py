@@ -65,7 +65,7 @@ from veil.tune.client import TuneClient
 from veil.tune.data import EncodedExample, batch_schedule, collate
 from veil.tune.enclave_server import EnclaveTrainerBase, HostAction, TrainerSettings, TuneEnclave
 from veil.tune.messages import Sealed
-from veil.tune.split import ClientPart, ServerPart, head_loss
+from veil.tune.split import ClientPart, ServerPart, head_loss, set_mode
 
 __all__ = [
     "AttestedTuneClient",
@@ -571,7 +571,7 @@ class FederatedClientEnclave:
         )
         sched = batch_schedule(len(examples), batch_size=batch_size, epochs=steps * batch_size + 1, seed=seed)
         losses: list[float] = []
-        self.adapter.part.train()
+        set_mode(self.adapter.part, True)
         for s in range(steps):
             b = collate([examples[i] for i in sched[s]], pad_id)
             with torch.no_grad():

@@ -17,7 +17,14 @@ from veil.errors import ConfigError
 from veil.tune.adapters import DEFAULT_LORA_TARGETS
 from veil.tune.data import Batch
 from veil.tune.messages import EvalResult, StepResult
-from veil.tune.split import head_last_logprobs, head_loss, head_sequence_logprobs, model_family, num_layers
+from veil.tune.split import (
+    head_last_logprobs,
+    head_loss,
+    head_sequence_logprobs,
+    model_family,
+    num_layers,
+    set_mode,
+)
 
 __all__ = ["LocalLoRATrainer"]
 
@@ -63,7 +70,7 @@ class LocalLoRATrainer:
         return out.last_hidden_state  # type: ignore[no-any-return]
 
     def train_micro(self, batch: Batch, step: int, micro: int = 0, n_micro: int = 1) -> StepResult:
-        self.model.train()
+        set_mode(self.model, True)
         ids = torch.from_numpy(batch.input_ids)
         mask = torch.from_numpy(batch.attention_mask)
         labels = torch.from_numpy(batch.labels)
@@ -84,7 +91,7 @@ class LocalLoRATrainer:
         )
 
     def score(self, batch: Batch, candidates: Sequence[int] = ()) -> EvalResult:
-        self.model.eval()
+        set_mode(self.model, False)
         with torch.no_grad():
             mask = torch.from_numpy(batch.attention_mask)
             fh = self._final_hidden(torch.from_numpy(batch.input_ids), mask)
