@@ -405,3 +405,21 @@ def test_ot_cross_product_and_square() -> None:
     np.testing.assert_array_equal(z0 + z1, vals[0] * vals[1])
     ref = FXP.decode(FXP.encode(x)) ** 2
     assert np.max(np.abs(sq - ref)) <= 2 * 2.0**-20  # truncation: floor or one ulp less
+
+
+def test_ot_and_private() -> None:
+    """XOR shares of x0 AND x1 for privately held packed bits (odd byte counts: both halves)."""
+    from veil.crypto.triples_ot import OTExtension
+
+    rng = np.random.default_rng(18)
+    for nbytes in (1, 5, 333):
+        xs = [rng.integers(0, 256, nbytes).astype(np.uint8) for _ in range(2)]
+
+        def role(p: int, xs: Any = xs) -> Any:
+            def f(ch: Channel) -> Any:
+                return OTExtension(ch, p, timeout=30).and_private(xs[p])
+
+            return f
+
+        z0, z1 = run_parties(role(0), role(1), timeout=120)
+        np.testing.assert_array_equal(z0 ^ z1, xs[0] & xs[1])

@@ -459,6 +459,18 @@ class MPC:
         self.counters["and_gates"] += int(x.size) * 8
         return z
 
+    def _and_private(self, mine: U8) -> U8:
+        """XOR shares of ``x0 AND x1`` for packed bit vectors that party i holds privately: the
+        source's ``and_private`` (one random OT per bit, dealer-free) if it has one, else an AND
+        of the XOR sharings ``(x0, 0)`` and ``(0, x1)`` with a boolean triple."""
+        direct = self._online("and_private")
+        if direct is not None:
+            out: U8 = direct(mine)
+            self.counters["and_gates"] += int(mine.size) * 8
+            return out
+        zeros = np.zeros_like(mine)
+        return self._and(mine if self.party == 0 else zeros, mine if self.party == 1 else zeros)
+
     def _carry(self, values: U64, bits: int) -> U8:
         """XOR shares (packed) of the carry into bit ``bits`` of ``low(x0) + low(x1)`` (low
         ``bits`` bits of each party's share): a Kogge-Stone reduction over bit planes."""
@@ -467,10 +479,7 @@ class MPC:
         planes = ((low[None, :] >> shifts) & _ONE).astype(np.uint8)  # (bits, n)
         packed = np.packbits(planes, axis=1)  # (bits, nb)
         nb = packed.shape[1]
-        zeros = np.zeros_like(packed)
-        mine_a = packed if self.party == 0 else zeros
-        mine_b = packed if self.party == 1 else zeros
-        g = self._and(mine_a.ravel(), mine_b.ravel()).reshape(bits, nb)
+        g = self._and_private(packed.ravel()).reshape(bits, nb)
         p = packed  # XOR sharing of a_j ^ b_j is (a_j, b_j)
         # Kogge-Stone style reduction; an unpaired top group passes through unchanged
         while g.shape[0] > 1:
@@ -594,9 +603,7 @@ class MPC:
         # element 0 of the scan = (carry into `lo`, P = 0); element k = (g, p) of window bit k-1
         c_lo = self._carry(values, lo) if lo > 0 else np.zeros(nb, np.uint8)
         if w > 1:
-            mine_a = planes[: w - 1] if self.party == 0 else zeros[: w - 1]
-            mine_b = planes[: w - 1] if self.party == 1 else zeros[: w - 1]
-            g_win = self._and(mine_a.ravel(), mine_b.ravel()).reshape(w - 1, nb)
+            g_win = self._and_private(planes[: w - 1].ravel()).reshape(w - 1, nb)
             g = np.concatenate([c_lo[None, :], g_win])
             p = np.concatenate([zeros[:1], planes[: w - 1]])
         else:
@@ -737,19 +744,13 @@ class MPC:
             raise InputError("sigmoid expects a value at the default fixed-point scale")
         shp = x.shape
         c_enc = self.fxp.encode(np.array(float(_SIGMOID_CLAMP)))
-        stacked = AShare(np.stack([x.values, x.values + c_enc, c_enc - x.values]), self.party, x.frac_bits)
-        if self.party == 1:
-            stacked = AShare(np.stack([x.values, x.values, -x.values]), self.party, x.frac_bits)
-        cmp = self.ltz(stacked, bits=bits)
-        s, l1, l2 = cmp[0], cmp[1], cmp[2]  # x<0, x<-C, x>C
-        clamp = AShare((l1.values + l2.values) * c_enc, self.party, self.frac)
-        # t = min(|x|, C) = x k + C (l1 + l2) with k = 1 - 2 s + l1 - l2 (0 outside [-C, C])
-        if self._online("bit_mul") is not None:
-            sx, l1x, l2x = self.mul_bits([(s, x), (l1, x), (l2, x)])
-            t = x - AShare(sx.values << _ONE, self.party, self.frac) + l1x - l2x + clamp
-        else:
-            k = (1 - AShare(s.values * np.uint64(2), self.party, 0)) + l1 - l2
-            t = self.mul(x, k, out_frac=self.frac) + clamp
+        # s = [x < 0], |x| = x - 2 s x, c = [|x| > C], t = min(|x|, C) = |x| - c (|x| - C)
+        s = self.ltz(x, bits=bits)
+        (sx,) = self.mul_bits([(s, x)])
+        ax = x - AShare(sx.values << _ONE, self.party, self.frac)
+        c = self.ltz(-(ax - c_enc), bits=bits)
+        (cx,) = self.mul_bits([(c, ax - c_enc)])
+        t = ax - cx
         # exp(-t) = p(t / 2^n)^(2^n), p = cubic Taylor polynomial of exp(-u) on [0, 1] (n = 5:
         # absolute error 6.6e-6 over t in [0, 32]), at F fractional bits
         big_f = 30

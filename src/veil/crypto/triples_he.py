@@ -261,6 +261,12 @@ class HomomorphicTriples:
         out: U64 = self._ot_engine().bit_product(mine)
         return out
 
+    def and_private(self, mine: U8) -> U8:
+        """XOR shares of ``x0 AND x1`` for privately held packed bits (one OT per bit instead of
+        an AND triple's two). Used by the comparison circuit's first layer when present."""
+        out: U8 = self._ot_engine().and_private(mine)
+        return out
+
     def cross_product(self, mine: U64) -> U64:
         """Shares of ``x0 * x1`` for private ring values (64 OTs per element in total, half a
         Beaver triple's). Used by :meth:`MPC.square` when present."""

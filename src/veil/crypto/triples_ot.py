@@ -290,6 +290,32 @@ class OTExtension:
         out[recv] = got[:nr].sum(axis=1, dtype=np.uint64)
         return out.reshape(np.shape(mine))
 
+    def and_private(self, mine: U8) -> U8:
+        """XOR shares (packed) of ``x0 AND x1`` for packed bit vectors ``x_i`` private to party i:
+        one random OT per bit (half the bits in each direction) and a 1-bit correction
+        ``d = lsb(m0) ^ lsb(m1) ^ x_s``; the receiver keeps ``lsb(m_c) ^ c d``, the sender
+        ``lsb(m0)``. Half the OTs of an AND triple (which has two cross terms). Two rounds."""
+        bits = np.unpackbits(np.asarray(mine, dtype=np.uint8).ravel())
+        n = bits.size
+        h = (n + 1) // 2
+        recv = slice(h, n) if self.party == 0 else slice(0, h)
+        send = slice(0, h) if self.party == 0 else slice(h, n)
+        nr = recv.stop - recv.start
+        ns = send.stop - send.start
+        m = max(8, ((max(nr, ns) + 7) // 8) * 8)
+        choices = np.zeros(m, dtype=np.uint8)
+        choices[:nr] = bits[recv]
+        m0, m1, mc = self.random_ots(m, choices)
+        l0, l1, lc = m0[:, 0] & 1, m1[:, 0] & 1, mc[:, 0] & 1
+        u = np.zeros(m, dtype=np.uint8)
+        u[:ns] = bits[send]
+        (peer_d,) = self._exchange([np.packbits(l0 ^ l1 ^ u)])
+        d = np.unpackbits(peer_d)[:m]
+        out = np.empty(n, dtype=np.uint8)
+        out[send] = l0[:ns]
+        out[recv] = (lc ^ (choices & d))[:nr]
+        return np.packbits(out)
+
     def bit_product(self, mine: U64) -> U64:
         """Arithmetic shares (Z_2^64) of ``x0 * x1`` for private bits ``x_i`` (0/1) of party i.
 
