@@ -259,6 +259,15 @@ class OTExtension:
         c = a * b - w0.sum(axis=1, dtype=np.uint64) + recv.sum(axis=1, dtype=np.uint64)
         return a, b, c
 
+    def _halves(self, n: int) -> tuple[slice, slice, int, int]:
+        """Split ``n`` private-input elements over the two OT directions: elements ``[0, h)`` have
+        party 1 as receiver (party 0 sends), ``[h, n)`` the reverse. Returns (my receiving
+        slice, my sending slice, their lengths)."""
+        h = (n + 1) // 2
+        recv = slice(h, n) if self.party == 0 else slice(0, h)
+        send = slice(0, h) if self.party == 0 else slice(h, n)
+        return recv, send, recv.stop - recv.start, send.stop - send.start
+
     def cross_product(self, mine: U64) -> U64:
         """Arithmetic shares (Z_2^64) of ``x0 * x1`` for private values ``x_i`` of party i (Gilboa
         with random OTs, as in :meth:`beaver`): 64 OTs per element, half the elements in each
@@ -267,12 +276,7 @@ class OTExtension:
         product."""
         flat = np.asarray(mine, dtype=np.uint64).ravel()
         n = flat.size
-        h = (n + 1) // 2
-        # elements [0, h): party 1 receives (choice bits of x1), party 0 sends; [h, n): reverse
-        recv = slice(h, n) if self.party == 0 else slice(0, h)
-        send = slice(0, h) if self.party == 0 else slice(h, n)
-        nr = recv.stop - recv.start
-        ns = send.stop - send.start
+        recv, send, nr, ns = self._halves(n)
         rows = max(nr, ns, 1)
         shifts = np.arange(64, dtype=np.uint64)
         vbits = np.zeros((rows, 64), dtype=np.uint8)
@@ -297,11 +301,7 @@ class OTExtension:
         ``lsb(m0)``. Half the OTs of an AND triple (which has two cross terms). Two rounds."""
         bits = np.unpackbits(np.asarray(mine, dtype=np.uint8).ravel())
         n = bits.size
-        h = (n + 1) // 2
-        recv = slice(h, n) if self.party == 0 else slice(0, h)
-        send = slice(0, h) if self.party == 0 else slice(h, n)
-        nr = recv.stop - recv.start
-        ns = send.stop - send.start
+        recv, send, nr, ns = self._halves(n)
         m = max(8, ((max(nr, ns) + 7) // 8) * 8)
         choices = np.zeros(m, dtype=np.uint8)
         choices[:nr] = bits[recv]
@@ -327,13 +327,8 @@ class OTExtension:
         if flat.size and int(flat.max()) > 1:
             raise ProtocolError("bit_product needs 0/1 values")
         n = flat.size
-        h = (n + 1) // 2
-        m = max(8, ((h + 7) // 8) * 8)
-        # elements [0, h): party 1 receives (choice x1), party 0 sends; [h, n): the reverse
-        recv = slice(h, n) if self.party == 0 else slice(0, h)
-        send = slice(0, h) if self.party == 0 else slice(h, n)
-        nr = recv.stop - recv.start
-        ns = send.stop - send.start
+        recv, send, nr, ns = self._halves(n)
+        m = max(8, ((max(nr, ns) + 7) // 8) * 8)
         choices = np.zeros(m, dtype=np.uint8)
         choices[:nr] = flat[recv].astype(np.uint8)
         m0, m1, mc = self.random_ots(m, choices)
