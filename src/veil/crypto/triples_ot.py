@@ -23,6 +23,7 @@ import hashlib
 import logging
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -64,6 +65,11 @@ def _kdf(*parts: bytes) -> bytes:
 def _prg(key: bytes, nonce: int, nbytes: int) -> U8:
     enc = Cipher(algorithms.AES(key), modes.CTR(nonce.to_bytes(16, "little"))).encryptor()
     return np.frombuffer(enc.update(b"\x00" * nbytes), dtype=np.uint8)
+
+
+def _stream(key: bytes) -> Any:
+    """An AES-256-CTR keystream reader (``.update(zeros)``) for one base-OT key."""
+    return Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
 
 
 def _pi(blocks: U8) -> U8:
@@ -193,6 +199,11 @@ class OTExtension:
             shared1 = bytes(nb.crypto_scalarmult_ed25519_noclamp(y, diff))
             k1 = _kdf(j.to_bytes(2, "little"), big_y, xj, shared1)
             self.send_keys.append((k0, k1))
+        # one AES-256-CTR stream per base-OT key, read sequentially by every extension call (both
+        # parties read the same lengths in the same order, so the offsets stay in step; no
+        # keystream is ever reused): no cipher set-up per call
+        self._g_send = [(_stream(k0), _stream(k1)) for k0, k1 in self.send_keys]
+        self._g_recv = [_stream(k) for k in self.recv_keys]
         log.debug("OT extension: %d base OTs per direction done", KAPPA)
 
     # ---- extension: random OTs in both directions
@@ -201,22 +212,22 @@ class OTExtension:
         the instance where I receive. Returns ``(m0, m1, mc)``: the sender outputs of the
         instance where I send and my receiver outputs, each (m, 16) bytes."""
         nbytes = (m + 7) // 8
-        nonce = self._nonce
-        self._nonce += 1
         r_packed = np.packbits(choices.astype(np.uint8), bitorder="little")
         if r_packed.size != nbytes:
             raise ProtocolError("OT: choice vector has the wrong length")
+        zeros = bytes(nbytes)
         t_cols = np.empty((KAPPA, nbytes), dtype=np.uint8)
         u_cols = np.empty((KAPPA, nbytes), dtype=np.uint8)
-        for j, (k0, k1) in enumerate(self.send_keys):
-            t = _prg(k0, nonce, nbytes)
-            t_cols[j] = t
-            u_cols[j] = t ^ _prg(k1, nonce, nbytes) ^ r_packed
+        for j, (g0, g1) in enumerate(self._g_send):
+            t_cols[j] = np.frombuffer(g0.update(zeros), dtype=np.uint8)
+            u_cols[j] = np.frombuffer(g1.update(zeros), dtype=np.uint8)
+        u_cols ^= t_cols
+        u_cols ^= r_packed[None, :]
         (peer_u,) = self._exchange([u_cols])
         q_cols = np.empty((KAPPA, nbytes), dtype=np.uint8)
-        for j, k in enumerate(self.recv_keys):
-            g = _prg(k, nonce, nbytes)
-            q_cols[j] = g ^ peer_u[j] if self.s_bits[j] else g
+        for j, g in enumerate(self._g_recv):
+            q_cols[j] = np.frombuffer(g.update(zeros), dtype=np.uint8)
+        q_cols ^= peer_u * self.s_bits[:, None]
         start = self._count
         self._count += m
         t_rows = _transpose(t_cols, m)
