@@ -59,8 +59,9 @@ E2E_CONTENT_TYPE = "application/x-veil-e2e"
 _LABEL = b"veil-serve-e2e-v1"
 #: default freshness window of a sealed request (s): the replay cache remembers salts this long
 REPLAY_WINDOW_S = 120.0
-#: default bound on remembered salts (~100 bytes each); see :class:`ReplayCache`
-REPLAY_CACHE_ENTRIES = 200_000
+#: default bound on remembered salts (~190 bytes each in CPython: ~12 MiB of enclave memory at
+#: most); beyond it the oldest is evicted and the floor rises, see :class:`ReplayCache`
+REPLAY_CACHE_ENTRIES = 65_536
 
 
 class ReplayError(ProtocolError):
