@@ -163,12 +163,51 @@ class _DealerCore:
         self._masks.pop(ctx, None)
 
 
+#: elementwise Beaver triples / AND-triple bytes fetched per pool refill (see _SeededSource)
+POOL_BEAVER = 1 << 18
+POOL_BITS = 1 << 18
+
+
+class _Pool:
+    """A run of one kind of elementwise correlation, handed out front to back (each element once)."""
+
+    def __init__(self, arrays: tuple[Any, ...]) -> None:
+        self.arrays = arrays
+        self.pos = 0
+
+    def left(self) -> int:
+        return int(self.arrays[0].size) - self.pos
+
+    def take(self, count: int) -> tuple[Any, ...]:
+        sl = slice(self.pos, self.pos + count)
+        self.pos += count
+        return tuple(a[sl] for a in self.arrays)
+
+
 class _SeededSource:
-    """Party-side generator shared by :class:`TrustedDealer` and :class:`LocalDealer`."""
+    """Party-side generator shared by :class:`TrustedDealer` and :class:`LocalDealer`.
+
+    Small elementwise requests (Beaver triples up to ``pool_beaver // 2`` elements, AND
+    triples up to ``pool_bits // 2`` bytes) are served from pools of ``pool_beaver`` elements /
+    ``pool_bits`` bytes, each fetched with ONE dealer request: split finding makes thousands
+    of small requests per tree, and each would otherwise cost party 1 a synchronous round
+    trip to the dealer. Both parties consume their pools in the same order (MPC code requests
+    in the same order by construction), a pool's remainder is dropped by both when a request
+    does not fit, and every element is used once, so the correlations are exactly those of
+    one request per call.
+    """
 
     trust = "dealer"
 
-    def __init__(self, party: int, seed: bytes, fetch: Callable[[DealerRequest], list[Any]]) -> None:
+    def __init__(
+        self,
+        party: int,
+        seed: bytes,
+        fetch: Callable[[DealerRequest], list[Any]],
+        *,
+        pool_beaver: int = POOL_BEAVER,
+        pool_bits: int = POOL_BITS,
+    ) -> None:
         if party not in (0, 1):
             raise InputError(f"party must be 0 or 1, got {party!r}")
         self.party = party
@@ -177,11 +216,27 @@ class _SeededSource:
         self._counter = 0
         self._masks: dict[int, tuple[int, int, int]] = {}
         self._lock = threading.Lock()
+        self.pool_beaver = int(pool_beaver)
+        self.pool_bits = int(pool_bits)
+        self._pools: dict[str, _Pool | None] = {"beaver": None, "bits": None}
+        self.requests = 0  # dealer requests made (pool refills count once)
+
+    def _pooled(self, kind: str, count: int, size: int) -> tuple[Any, ...] | None:
+        """``count`` elements of ``kind`` from its pool (refilled with one request of ``size``),
+        or None when the request is too large for pooling."""
+        if size <= 0 or not 0 < count <= size // 2:
+            return None
+        pool = self._pools[kind]
+        if pool is None or pool.left() < count:
+            fresh = self._beaver_direct((size,)) if kind == "beaver" else self._bits_direct(size)
+            pool = self._pools[kind] = _Pool(fresh)
+        return pool.take(count)
 
     def _next(self, kind: str, dims: list[int]) -> DealerRequest:
         with self._lock:
             req = DealerRequest(self._counter, kind, dims)
             self._counter += 1
+            self.requests += 1
         return req
 
     def _corr(self, req: DealerRequest, count: int) -> list[Any]:
@@ -192,6 +247,12 @@ class _SeededSource:
 
     def beaver(self, shape: Shape) -> tuple[U64, U64, U64]:
         shp = _shape(shape)
+        got = self._pooled("beaver", int(np.prod(shp, dtype=np.int64)), self.pool_beaver)
+        if got is not None:
+            return got[0].reshape(shp), got[1].reshape(shp), got[2].reshape(shp)
+        return self._beaver_direct(shp)
+
+    def _beaver_direct(self, shp: tuple[int, ...]) -> tuple[U64, U64, U64]:
         req = self._next("beaver", list(shp))
         s = self._prg.stream(req.counter)
         a, b = s.u64(shp), s.u64(shp)
@@ -210,6 +271,12 @@ class _SeededSource:
         return a, b, _check(c, (m, n))
 
     def bit_triples(self, nbytes: int) -> tuple[U8, U8, U8]:
+        got = self._pooled("bits", int(nbytes), self.pool_bits)
+        if got is not None:
+            return got[0], got[1], got[2]
+        return self._bits_direct(int(nbytes))
+
+    def _bits_direct(self, nbytes: int) -> tuple[U8, U8, U8]:
         req = self._next("bits", [nbytes])
         s = self._prg.stream(req.counter)
         x, y = s.u8(nbytes), s.u8(nbytes)
