@@ -209,6 +209,14 @@ def _run_key(r: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(r.get(k) for k in ("rows", "algorithm", "triples", "n_estimators", "max_depth", "max_bin"))
 
 
+def _merged(out: Path, mine: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs in ``out`` as they are NOW (another benchmark may have written since this one
+    started), without those replaced by this call's runs ``mine``, plus ``mine``."""
+    current: list[dict[str, Any]] = json.loads(out.read_text()) if out.exists() else []
+    keys = {_run_key(r) for r in mine}
+    return [r for r in current if _run_key(r) not in keys] + mine
+
+
 def binning_check(rows: int, trees: int, depth: int, max_bins: list[int]) -> list[dict[str, Any]]:
     """AUC of the plaintext reference (our binning + our tree rules) vs xgboost per max_bin."""
     import xgboost as xgb
@@ -344,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     keep_old = (args.append or args.merge) and out.exists()
     runs: list[dict[str, Any]] = json.loads(out.read_text()) if keep_old else []
+    mine: list[dict[str, Any]] = []  # this call's runs (--merge)
     if args.binning_check is not None:
         for n in args.rows or [10_000]:
             runs += binning_check(n, args.trees or 10, args.depth or 5, args.binning_check or [16, 32, 64])
@@ -387,8 +396,10 @@ def main(argv: list[str] | None = None) -> int:
                         slow.add((alg, tk))
                 r["meta"] = meta
                 if args.merge:
-                    runs = [old for old in runs if _run_key(old) != _run_key(r)]
-                runs.append(r)
+                    mine.append(r)
+                    runs = _merged(out, mine)
+                else:
+                    runs.append(r)
                 out.write_text(json.dumps(runs, indent=1))
     table = Table(title="veil.boost benchmark (secure training vs plaintext xgboost)")
     for col in (
