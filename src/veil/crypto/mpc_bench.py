@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,7 +48,7 @@ def _timed(name: str, fn: Callable[[MPC, Any], Any], arg0: Any, arg1: Any, rows:
     r0, r1 = run_parties(role(0, s0, arg0), role(1, s1, arg1), timeout=1200)
     row = {"op": name, **extra, "seconds": round(max(r0["seconds"], r1["seconds"]), 4),
            "bytes_sent_per_party": max(r0["bytes_sent"], r1["bytes_sent"]),
-           "rounds": max(r0["rounds"], r1["rounds"])}
+           "rounds": max(r0["rounds"], r1["rounds"]), "load1": round(os.getloadavg()[0], 2)}
     rows.append(row)
     print(json.dumps(row), flush=True)
 
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     t = time.perf_counter()
                     if what == "beaver":
                         src.beaver(count)
+                    elif what == "random_ots":
+                        src._ot_engine().random_ots(count, np.zeros(count, np.uint8))
                     else:
                         src.bit_triples(count // 8)
                     return time.perf_counter() - t
@@ -138,13 +141,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ot_n = 5000 if args.quick else 50_000
             bit_n = 200_000 if args.quick else 2_000_000
             for what, arith, count in (("beaver", "he", he_n), ("bits", "he", he_n // 2),
-                                       ("beaver", "ot", ot_n), ("bits", "ot", bit_n)):
+                                       ("beaver", "ot", ot_n), ("bits", "ot", bit_n),
+                                       ("random_ots", "ot", bit_n)):
                 t0, t1 = run_parties(ht_role(0, what, arith, count), ht_role(1, what, arith, count),
                                      timeout=1200)
                 dt = max(t0, t1)
                 row = {"op": f"HomomorphicTriples.{what}", "via": arith if what == "beaver" else
                        ("ot" if arith == "ot" else "he"), "he": f"{backend}-{scheme}-2048",
-                       "elements": count, "seconds": round(dt, 3), "per_second": round(count / dt, 1)}
+                       "elements": count, "seconds": round(dt, 3), "per_second": round(count / dt, 1),
+                       "load1": round(os.getloadavg()[0], 2)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if not args.no_he and want("df"):
@@ -164,12 +169,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 t = time.perf_counter()
                 if op == "mul":
                     mpc.mul(a[0], a[1])
+                elif op == "square":
+                    mpc.square(a[0])
                 elif op == "mul_bits":
                     mpc.mul_bits([(a[2], a[1])])
                 elif op == "ltz":
                     mpc.ltz(a[0])
                 elif op == "argmax":
                     mpc.argmax(a[3], axis=-1, bits=40)
+                elif op == "div":
+                    mpc.div(a[0], a[4], lo=1.0, hi=2.0**14)
+                elif op == "sigmoid":
+                    mpc.sigmoid(a[0])
                 else:
                     mpc.ltz(a[0], bits=40)
                 return {"seconds": time.perf_counter() - t, "bytes": ch.stats.bytes_sent - b0}
@@ -180,13 +191,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ya = share_floats(rng.uniform(-100, 100, m_df), FXP)
         bb = share_floats(rng.integers(0, 2, m_df).astype(float), FixedPoint(0))
         ga = share_floats(rng.uniform(0, 50, (2, m_df // 2)), FXP)
-        for op in ("mul", "mul_bits", "ltz", "ltz_bits40", "argmax"):
-            r0, r1 = run_parties(df_role(0, op, (xa[0], ya[0], bb[0], ga[0])),
-                                 df_role(1, op, (xa[1], ya[1], bb[1], ga[1])), timeout=1200)
-            label = "argmax bits=40 over (2, m/2)" if op == "argmax" else op
+        da = share_floats(np.exp(rng.uniform(0, np.log(2.0**14 - 1), m_df)), FXP)
+        for op in ("mul", "square", "mul_bits", "ltz", "ltz_bits40", "argmax", "div", "sigmoid"):
+            r0, r1 = run_parties(df_role(0, op, (xa[0], ya[0], bb[0], ga[0], da[0])),
+                                 df_role(1, op, (xa[1], ya[1], bb[1], ga[1], da[1])), timeout=1200)
+            label = {"argmax": "argmax bits=40 over (2, m/2)", "div": "div, divisor in [1, 2^14)",
+                     "sigmoid": "sigmoid, x in [-100, 100]"}.get(op, op)
             row = {"op": f"{label} (dealer-free, triples on the fly, arith=ot)", "elements": m_df,
                    "seconds": round(max(r0["seconds"], r1["seconds"]), 3),
-                   "bytes_sent_per_party": max(r0["bytes"], r1["bytes"])}
+                   "bytes_sent_per_party": max(r0["bytes"], r1["bytes"]),
+                   "load1": round(os.getloadavg()[0], 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
