@@ -199,6 +199,34 @@ def run_one(
     return run
 
 
+def he_encryption_estimate(rows: int, trees: int, depth: int, he_backend: str | None) -> dict[str, Any]:
+    """he-agg's OU encryption count for this configuration (both parties; the packing of
+    ``HEAggregator``) and the packed-plaintext encryption rate measured now on this machine."""
+    import math
+    import random
+
+    from veil.crypto import he
+
+    kp = he.keygen(scheme="ou", key_bits=2048, backend=he_backend)
+    slot_bits = 65 + max(1, math.ceil(math.log2(max(rows, 2)))) + 40 + 1
+    slots = max(1, (kp.public.plaintext_bits - 1) // slot_bits)
+    cols = [2] + [2 * 2 ** (d - 1) for d in range(1, depth)]  # left children's g, h per level
+    per_row = sum(math.ceil(c / slots) for c in cols)
+    count = 2 * rows * per_row * trees
+    sample = [random.getrandbits(slots * slot_bits - 1) for _ in range(300)]  # benchmark data
+    t0 = time.perf_counter()
+    kp.public.encrypt(sample)
+    rate = len(sample) / (time.perf_counter() - t0)
+    return {
+        "he_encryptions": count,
+        "he_encryptions_per_row_tree_party": per_row,
+        "he_slots_per_ciphertext": slots,
+        "he_encrypt_per_second_measured": round(rate, 1),
+        # both parties encrypt at the same time (level_sums), at most one core each
+        "he_encrypt_seconds_estimate": round(count / (2 * rate), 1),
+    }
+
+
 def _rate(ops: int, seconds: float) -> float | None:
     """HE operations per second of HE time (both parties; includes key generation)."""
     return round(ops / seconds, 1) if ops and seconds > 0 else None
@@ -318,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         default=900.0,
         help="skip larger row counts of a combination once one run took longer than this",
     )
+    ap.add_argument(
+        "--he-budget",
+        type=float,
+        default=None,
+        help="he-agg: measure the OU encryption rate first and skip (with the estimate in the JSON) "
+        "when the encryptions alone would take longer than this many seconds",
+    )
     ap.add_argument("--trees", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--max-bin", type=int, default=16)
@@ -384,6 +419,18 @@ def main(argv: list[str] | None = None) -> int:
                         **base,
                         "status": "skipped: the masked bucket-matrix correlation costs rows x bins x "
                         "columns HE products dealer-free (infeasible); use he-agg (--force to try)",
+                    }
+                elif alg == "he-agg" and args.he_budget is not None and (
+                    est := he_encryption_estimate(n, trees, depth, args.he_backend)
+                )["he_encrypt_seconds_estimate"] > args.he_budget:
+                    r = {
+                        **base,
+                        **est,
+                        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+                        "status": f"skipped: {est['he_encryptions']:,} OU encryptions at the "
+                        f"{est['he_encrypt_per_second_measured']:,.0f}/s measured now need "
+                        f"~{est['he_encrypt_seconds_estimate']:,.0f} s with both cores (> --he-budget "
+                        f"{args.he_budget:g} s); ss-agg is the faster algorithm",
                     }
                 elif (alg, tk) in slow:
                     r = {
