@@ -356,8 +356,8 @@ class _Trainer:
         if p.subsample < 1.0:
             sample = row_subsample(p, n, t).astype(np.uint64) if self.party == 0 else np.zeros(n, np.uint64)
             ind = AShare(sample[:, None], self.party, 0)
-            gh = mpc.mul(
-                AShare(ind.values[None], self.party, 0), AShare(gh_all.values[:, :, None], self.party, f)
+            (gh,) = mpc.mul_bits(
+                [(AShare(ind.values[None], self.party, 0), AShare(gh_all.values[:, :, None], self.party, f))]
             )
         else:
             ind = self.share0(np.ones((n, 1), np.uint64), 0)
@@ -440,7 +440,8 @@ class _Trainer:
                 splits[first + j] = s
                 cmat[:, j] = child_left_bits(tbins, s, mb)
             cshare = AShare(cmat, self.party, 0)
-            lind, lgh = mpc.mul_many([(ind, cshare), (gh, AShare(cmat[None], self.party, 0))])
+            # 0/1 split matrix times indicator and g, h: bit x value products (2 OTs dealer-free)
+            lind, lgh = mpc.mul_bits([(cshare, ind), (AShare(cmat[None], self.party, 0), gh)])
             ind = AShare(_interleave(lind.values, (ind - lind).values, axis=1), self.party, 0)
             gh = AShare(_interleave(lgh.values, (gh - lgh).values, axis=2), self.party, f)
         leaf_w = self.effective_weights(weights, valids)
@@ -451,11 +452,11 @@ class _Trainer:
         eff = weights[0]
         alive: AShare | None = None
         for level, v in enumerate(valids):
-            real = v if alive is None else mpc.mul(alive, v)
+            real = v if alive is None else mpc.mul_bits([(alive, v)])[0]
             par = AShare(np.repeat(eff.values, 2), self.party, eff.frac_bits)
             child = weights[level + 1]
             rep = AShare(np.repeat(real.values, 2), self.party, 0)
-            eff = par + mpc.mul(rep, child - par)
+            eff = par + mpc.mul_bits([(rep, child - par)])[0]
             alive = rep
         return eff
 
