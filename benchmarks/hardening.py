@@ -151,6 +151,7 @@ def main() -> int:
         "fuzz_examples_per_test": examples,
         "wall_seconds": round(wall, 1),
         "load_average_1_5_15": {"before": load_before, "after": load_after},
+        "fuzz_cases_total": sum(v["cases"] for v in fuzz.values()),
         "fuzz_cases_per_decoder": {k: v["cases"] for k, v in sorted(fuzz.items())},
         "fuzz": fuzz,
         "faults_injected_per_engine": {k: sum(v["faults"].values()) for k, v in sorted(faults.items())},
