@@ -227,6 +227,45 @@ def he_encryption_estimate(rows: int, trees: int, depth: int, he_backend: str | 
     }
 
 
+def he_rates(rows: int, count: int, he_backend: str | None) -> list[dict[str, Any]]:
+    """Encryptions/s vs plaintext width for OU-2048 and Paillier-2048 (HEU: ZPaillier), and the
+    values/s he-agg would get with 1..max slots of its slot width for ``rows`` rows."""
+    import math
+    import random
+
+    from veil.crypto import he
+
+    slot_bits = 65 + max(1, math.ceil(math.log2(max(rows, 2)))) + 40 + 1
+    out = []
+    for scheme in ("ou", "paillier"):
+        t0 = time.perf_counter()
+        kp = he.keygen(scheme=scheme, key_bits=2048, backend=he_backend)
+        keygen_s = time.perf_counter() - t0
+        max_slots = max(1, (kp.public.plaintext_bits - 1) // slot_bits)
+        widths = sorted({64, 128, 256, 610} | {k * slot_bits for k in (1, 2, max_slots)})
+        for bits in [w for w in widths if w < kp.public.plaintext_bits]:
+            vals = [random.getrandbits(bits - 1) for _ in range(count)]  # benchmark data
+            t0 = time.perf_counter()
+            kp.public.encrypt(vals)
+            rate = count / (time.perf_counter() - t0)
+            slots = bits // slot_bits
+            out.append(
+                {
+                    "scheme": scheme,
+                    "key_bits": 2048,
+                    "plaintext_bits": bits,
+                    "encrypt_per_second": round(rate, 1),
+                    "he_agg_slots": slots,
+                    "he_agg_values_per_second": round(rate * slots, 1) if slots else None,
+                    "slot_bits": slot_bits,
+                    "keygen_seconds": round(keygen_s, 2),
+                    "load_average": [round(x, 2) for x in os.getloadavg()],
+                }
+            )
+            console.print(out[-1])
+    return out
+
+
 def _rate(ops: int, seconds: float) -> float | None:
     """HE operations per second of HE time (both parties; includes key generation)."""
     return round(ops / seconds, 1) if ops and seconds > 0 else None
@@ -353,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         help="he-agg: measure the OU encryption rate first and skip (with the estimate in the JSON) "
         "when the encryptions alone would take longer than this many seconds",
     )
+    ap.add_argument(
+        "--he-rates",
+        action="store_true",
+        help="measure OU / Paillier encryptions per second vs plaintext width (he-agg packing) "
+        "for --rows (first value), write results/boost_he_rates.json and exit",
+    )
     ap.add_argument("--trees", type=int, default=None)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--max-bin", type=int, default=16)
@@ -382,6 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     slow: set[tuple[str, str]] = set()
     depth = args.depth or (3 if args.quick else 5)
     out = Path(args.out)
+    if args.he_rates:
+        rates = he_rates((args.rows or [50_000])[0], 300, args.he_backend)
+        path = out.parent / "boost_he_rates.json"
+        cmd = "python benchmarks/boost.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        path.write_text(json.dumps({"command": cmd, "rates": rates}, indent=1))
+        console.print(f"wrote {path}")
+        return 0
     if args.plot_only:
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
         return 0
