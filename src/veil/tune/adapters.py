@@ -23,7 +23,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from veil.errors import ConfigError, InputError
-from veil.tune.split import ServerPart
+from veil.tune.split import ClientPart, ServerPart
 
 __all__ = [
     "AdapterKind",
@@ -31,6 +31,7 @@ __all__ = [
     "PrefixAdapter",
     "SPFLoRAAdapter",
     "ServerAdapter",
+    "add_client_lora",
     "apply_sparse_deltas",
     "make_adapter",
     "spf_units",
@@ -83,6 +84,20 @@ def _load_named(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor],
             p.copy_(t.to(p.dtype))
 
 
+def lora_config(family: str, *, r: int, alpha: int, dropout: float, targets: list[str]) -> LoraConfig:
+    """peft LoRA settings for one part of a ``family`` model (GPT-2's Conv1D is fan-in/fan-out)."""
+    if r <= 0:
+        raise ConfigError(f"LoRA rank must be positive, got {r}")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        fan_in_fan_out=family == "gpt2",
+        bias="none",
+    )
+
+
 class LoRAAdapter:
     """peft LoRA on the server part."""
 
@@ -97,18 +112,9 @@ class LoRAAdapter:
         dropout: float = 0.0,
         target_modules: list[str] | None = None,
     ) -> None:
-        if r <= 0:
-            raise ConfigError(f"LoRA rank must be positive, got {r}")
         self.part = part
         targets = target_modules or DEFAULT_LORA_TARGETS[part.family]
-        self.config = LoraConfig(
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            target_modules=targets,
-            fan_in_fan_out=part.family == "gpt2",
-            bias="none",
-        )
+        self.config = lora_config(part.family, r=r, alpha=alpha, dropout=dropout, targets=targets)
         part.requires_grad_(False)
         if len(part.layers) == 0:
             raise ConfigError(
@@ -185,6 +191,30 @@ class LoRAAdapter:
                 continue
             out[self.part.full_model_key(key)] = t.detach().clone().contiguous()
         return out
+
+
+def add_client_lora(
+    part: ClientPart,
+    *,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+) -> list[nn.Parameter]:
+    """Trainable-client mode: peft LoRA on the client part's layers ``0..k-1`` (base weights
+    stay frozen); returns the LoRA parameters for the client's own optimizer. Names map onto the
+    unsplit model like the server part's (``layers.<i>...``)."""
+    targets = target_modules or DEFAULT_LORA_TARGETS[part.family]
+    cfg = lora_config(part.family, r=r, alpha=alpha, dropout=dropout, targets=targets)
+    if len(part.layers) == 0:
+        raise ConfigError("the client part has no decoder layers to adapt (cut layer 0)")
+    inject_adapter_in_model(cfg, part.layers)
+    params = [p for n, p in part.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    if not params:
+        raise ConfigError(f"no LoRA target modules {targets} found in the client part")
+    return params
 
 
 def _attn_geometry(part: ServerPart) -> tuple[int, int]:

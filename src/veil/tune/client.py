@@ -38,7 +38,7 @@ from veil.tune.messages import (
     StepResult,
     TrainBatch,
 )
-from veil.tune.split import Activations, ClientPart
+from veil.tune.split import Activations, ClientPart, set_mode
 
 __all__ = ["StepRecord", "TrainHistory", "TuneClient", "evaluate_classification", "train_split"]
 
@@ -60,9 +60,17 @@ class TuneClient:
         *,
         wire_dtype: str = "float32",
         timeout: float | None = None,
+        client_optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
+        """``client_optimizer`` (over the client part's trainable parameters, e.g. from
+        :func:`veil.tune.adapters.add_client_lora`) turns on the trainable-client mode: the
+        enclave must have been built with ``client_grad=True``; it returns the gradient w.r.t.
+        the activations and the client steps its own optimizer with the enclave's."""
         if wire_dtype not in ("float32", "float16"):
             raise ConfigError("wire_dtype must be float32 or float16")
+        if client_optimizer is not None and not any(p.requires_grad for p in part.parameters()):
+            raise ConfigError("a client optimizer needs trainable parameters in the client part")
+        self.client_optimizer = client_optimizer
         self.channel = channel
         self.part = part
         self.verifier = verifier
@@ -92,6 +100,8 @@ class TuneClient:
                 f"server cuts the model at layer {info.cut_layer}/{info.total_layers} but this client part "
                 f"is cut at {self.part.cut_layer}/{self.part.total_layers}"
             )
+        if self.client_optimizer is not None and not info.client_grad:
+            raise ConfigError("the client part is trainable but this enclave returns no gradients")
         self.info = info
         label = "SIMULATED TEE" if info.simulated else "TEE"
         log.info("connected to %s enclave %s at step %d", label, info.measurement[:16], info.step)
@@ -112,6 +122,7 @@ class TuneClient:
 
     # ------------------------------------------------------------------ work
     def activations(self, batch: Batch) -> Activations:
+        set_mode(self.part, False)
         with torch.no_grad():
             return self.part(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
 
@@ -125,7 +136,13 @@ class TuneClient:
         )
 
     def train_micro(self, batch: Batch, step: int, micro: int = 0, n_micro: int = 1) -> StepResult:
-        h, m, p = self._arrays(self.activations(batch))
+        trainable = self.client_optimizer is not None
+        if trainable:
+            set_mode(self.part, True)
+            act = self.part(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask))
+        else:
+            act = self.activations(batch)
+        h, m, p = self._arrays(act)
         req = TrainBatch(
             step=step,
             micro=micro,
@@ -134,8 +151,17 @@ class TuneClient:
             attention_mask=m,
             position_ids=p,
             labels=batch.labels,
+            want_grad=trainable,
         )
         res: StepResult = self._call(req, StepResult)
+        if self.client_optimizer is not None:
+            g = res.grad_hidden
+            if not isinstance(g, np.ndarray) or g.shape != tuple(act.hidden_states.shape):
+                raise ProtocolError("the enclave returned no or a mis-shaped activation gradient")
+            act.hidden_states.backward(torch.from_numpy(np.asarray(g, dtype=np.float32)))
+            if res.applied:
+                self.client_optimizer.step()
+                self.client_optimizer.zero_grad(set_to_none=True)
         return res
 
     def score(self, batch: Batch, candidates: Sequence[int] = ()) -> EvalResult:

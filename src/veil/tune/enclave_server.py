@@ -138,9 +138,11 @@ class TuneEnclave(EnclaveTrainerBase):
         *,
         checkpoint_every: int = 0,
         max_grad_norm: float | None = None,
+        client_grad: bool = False,
         **settings: Unpack[TrainerSettings],
     ) -> None:
         super().__init__(enclave, part, adapter, **settings)
+        self.client_grad = client_grad  # measured: a client can tell gradients will come back
         self.checkpoint_every = checkpoint_every
         self.max_grad_norm = max_grad_norm
         self._optimizer: torch.optim.Optimizer | None = None
@@ -253,6 +255,7 @@ class TuneEnclave(EnclaveTrainerBase):
             context_length=self.context_length,
             simulated=bool(self.enclave.simulated),
             measurement=self.enclave.measurement,
+            client_grad=self.client_grad,
         )
 
     def _tensors(
@@ -306,9 +309,16 @@ class TuneEnclave(EnclaveTrainerBase):
             raise ProtocolError(f"bad micro-batch index {req.micro}/{req.n_micro}")
         if req.micro != self._micro:
             raise ProtocolError(f"expected micro-batch {self._micro} of step {self.step}, got {req.micro}")
+        if req.want_grad and not self.client_grad:
+            raise ProtocolError(
+                "this enclave returns no gradients (frozen client part: they would leak the labels); "
+                "start it with a trainable client part to use that mode"
+            )
         h, mask, pos, labels = self._tensors(req.hidden, req.attention_mask, req.position_ids, req.labels)
         if not (labels[:, 1:] != IGNORE_INDEX).any():
             raise ProtocolError("micro-batch has no labelled tokens")
+        if req.want_grad:
+            h.requires_grad_(True)
         if self._needs_calibration():
             calibrate: Any = getattr(self.adapter, "calibrate")  # noqa: B009
             calibrate(h, mask, pos, labels)
@@ -316,6 +326,11 @@ class TuneEnclave(EnclaveTrainerBase):
         set_mode(self.part, True)
         loss = head_loss(self.adapter.final_hidden(h, mask, pos), self.part.lm_head, labels)
         (loss / req.n_micro).backward()
+        grad = None
+        if req.want_grad:
+            if h.grad is None:  # pragma: no cover - the server part always depends on its input
+                raise ProtocolError("no gradient reached the activations")
+            grad = h.grad.detach().float().numpy().astype(np.float32, copy=False)
         applied = False
         if req.micro == req.n_micro - 1:
             if self.max_grad_norm is not None:
@@ -334,6 +349,7 @@ class TuneEnclave(EnclaveTrainerBase):
             tokens=int(mask.sum()),
             applied=applied,
             server_step=self.step,
+            grad_hidden=grad,
         )
 
     def _eval(self, req: EvalBatch) -> EvalResult:
@@ -572,10 +588,19 @@ def enclave_code() -> list[Path | bytes]:
 
 
 def enclave_config(
-    *, model_id: str, cut_layer: int, adapter: str, lr: float, adapter_options: dict[str, Any] | None = None
+    *,
+    model_id: str,
+    cut_layer: int,
+    adapter: str,
+    lr: float,
+    adapter_options: dict[str, Any] | None = None,
+    client_grad: bool = False,
 ) -> dict[str, Any]:
-    """The configuration measured into the enclave (client and server compute it the same way)."""
-    return {
+    """The configuration measured into the enclave (client and server compute it the same way).
+
+    ``client_grad`` (the enclave returns gradients w.r.t. the activations, for a trainable client
+    part) is measured only when on, so frozen-client measurements are unchanged."""
+    cfg: dict[str, Any] = {
         "app": "veil-tune-server",
         "protocol": PROTOCOL_VERSION,
         "model_id": model_id,
@@ -584,18 +609,17 @@ def enclave_config(
         "adapter_options": dict(sorted((adapter_options or {}).items())),
         "lr": lr,
     }
+    if client_grad:
+        cfg["client_grad"] = True
+    return cfg
 
 
-def expected_measurement(
-    *, model_id: str, cut_layer: int, adapter: str, lr: float, adapter_options: dict[str, Any] | None = None
-) -> str:
-    """What a client should pin in its Policy for this server configuration."""
+def expected_measurement(**config: Any) -> str:
+    """What a client should pin in its Policy for this server configuration (the keyword
+    arguments of :func:`enclave_config`)."""
     from veil.tee import measure
 
-    cfg = enclave_config(
-        model_id=model_id, cut_layer=cut_layer, adapter=adapter, lr=lr, adapter_options=adapter_options
-    )
-    return measure(enclave_code(), cfg)
+    return measure(enclave_code(), enclave_config(**config))
 
 
 def build_tune_enclave(
@@ -610,18 +634,35 @@ def build_tune_enclave(
     tee_options: dict[str, Any] | None = None,
     checkpoint_every: int = 0,
     seed: int | None = 0,
+    client_grad: bool = False,
 ) -> TuneEnclave:
-    """Load the TEE, slice ``model`` and build the adapter inside it."""
+    """Load the TEE, slice ``model`` and build the adapter inside it.
+
+    ``client_grad`` enables the trainable-client mode: the enclave returns the gradient w.r.t.
+    the activations (which leaks information about the labels to the client, who owns them)."""
     from veil.tee import load_enclave
     from veil.tune.adapters import make_adapter
     from veil.tune.split import server_part
 
     cfg = enclave_config(
-        model_id=model_id, cut_layer=cut_layer, adapter=adapter, lr=lr, adapter_options=adapter_options
+        model_id=model_id,
+        cut_layer=cut_layer,
+        adapter=adapter,
+        lr=lr,
+        adapter_options=adapter_options,
+        client_grad=client_grad,
     )
     enclave = load_enclave(tee_backend, code=enclave_code(), config=cfg, **(tee_options or {}))
     if seed is not None:
         torch.manual_seed(seed)  # adapter initialisation (model weights, not a secret)
     part = server_part(model, cut_layer)
     ad = make_adapter(part, adapter, **(adapter_options or {}))
-    return TuneEnclave(enclave, part, ad, model_id=model_id, lr=lr, checkpoint_every=checkpoint_every)
+    return TuneEnclave(
+        enclave,
+        part,
+        ad,
+        model_id=model_id,
+        lr=lr,
+        checkpoint_every=checkpoint_every,
+        client_grad=client_grad,
+    )

@@ -68,6 +68,7 @@ class SessionInfo(Message, frozen=True, tag="tune.Info"):
     context_length: int
     simulated: bool
     measurement: str
+    client_grad: bool = False  # the enclave returns d loss / d activations (trainable-client mode)
 
 
 class TrainBatch(Message, frozen=True, tag="tune.Train"):
@@ -80,6 +81,7 @@ class TrainBatch(Message, frozen=True, tag="tune.Train"):
     attention_mask: np.ndarray[Any, Any]  # (B, T) int64
     position_ids: np.ndarray[Any, Any]  # (B, T) int64
     labels: np.ndarray[Any, Any]  # (B, T) int64, -100 = ignored
+    want_grad: bool = False  # trainable-client mode only: return the gradient w.r.t. ``hidden``
 
 
 class StepResult(Message, frozen=True, tag="tune.StepRes"):
@@ -89,6 +91,8 @@ class StepResult(Message, frozen=True, tag="tune.StepRes"):
     tokens: int
     applied: bool  # True when this micro-batch completed the step and the optimizer ran
     server_step: int
+    # trainable-client mode only: d (loss / n_micro) / d hidden, (B, T, H) float32
+    grad_hidden: np.ndarray[Any, Any] | None = None
 
 
 class EvalBatch(Message, frozen=True, tag="tune.Eval"):
