@@ -19,7 +19,8 @@ An extra row, "centralized all layers", puts LoRA on all L layers (what a model 
 data would train; it has more trainable parameters than any split run can have).
 
 Accuracy = argmax over the 5 topic continuations' likelihood on a fixed class-balanced subset
-of the held-out test split. Writes benchmarks/results/tune.json and tune_loss.png.
+of the held-out test split. Writes benchmarks/results/tune.json and tune_loss.png (--quick:
+tune_quick.json and tune_quick_loss.png, so a smoke run never replaces the reported numbers).
 
     python benchmarks/tune.py --quick      # < 5 min on 2 cores
     python benchmarks/tune.py              # the reported run (<= 25 min on 2 cores)
@@ -312,6 +313,11 @@ def run_all_layers(
     }
 
 
+def loss_png(out: Path) -> Path:
+    """tune.json -> tune_loss.png, tune_quick.json -> tune_quick_loss.png."""
+    return out.with_name(out.stem + "_loss.png")
+
+
 def plot(curves: dict[str, list[float]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -359,7 +365,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="run the methods table instead (benchmarks/tune_methods.py; its flags apply)",
     )
     a = p.parse_args(argv)
-    a.out = a.out or RESULTS / "tune.json"
+    a.out = a.out or RESULTS / ("tune_quick.json" if a.quick else "tune.json")
     a.steps = a.steps or (6 if a.quick else 40)
     a.eval = a.eval or (40 if a.quick else 200)
     a.max_length = a.max_length or 64
@@ -494,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         curves[f"centralized k={k} (same layers)"] = rows[f"centralized_k{k}"]["losses"]
     plot(
         curves,
-        a.out.with_name("tune_loss.png"),
+        loss_png(a.out),
         f"SmolLM2-135M + LoRA on BBC News, {a.steps} steps x {a.batch_size} (split: SIMULATED TEE)",
     )
 
@@ -527,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"targets: {json.dumps(targets)}")
     console.print(
         f"load average start {load_start[0]:.2f}, end {os.getloadavg()[0]:.2f}; "
-        f"wrote {a.out} and {a.out.with_name('tune_loss.png')} in {out['wall_s']:.0f} s"
+        f"wrote {a.out} and {loss_png(a.out)} in {out['wall_s']:.0f} s"
     )
     return 0
 
