@@ -413,6 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG from --out and exit")
     ap.add_argument(
+        "--drop-stale",
+        action="store_true",
+        help="remove the placeholder rows of configurations an earlier session did not run "
+        "(status 'not run in this session ...') from --out, redraw the PNG and exit",
+    )
+    ap.add_argument(
         "--binning-check",
         type=int,
         nargs="*",
@@ -436,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.plot_only:
         plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        return 0
+    if args.drop_stale:
+        kept = [r for r in json.loads(out.read_text())
+                if not str(r.get("status", "")).startswith("not run in this session")]
+        out.write_text(json.dumps(kept, indent=1))
+        plot(kept, out.with_suffix(".png"))
+        console.print(f"kept {len(kept)} runs in {out}")
         return 0
     keep_old = (args.append or args.merge) and out.exists()
     runs: list[dict[str, Any]] = json.loads(out.read_text()) if keep_old else []
