@@ -339,3 +339,27 @@ def test_close_flushes_to_a_slow_reader(
     t.join(30)
     assert "error" not in out, out.get("error")
     assert got == [str(i) for i in range(10)]
+
+
+def test_connect_timeout_limit_from_environment(ids: dict[str, PartyIdentity],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """VEIL_LIMIT_CONNECT_TIMEOUT_S bounds the connect wait when the caller sets no connect_timeout."""
+    import socket
+
+    from veil.limits import reset_limits
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    monkeypatch.setenv("VEIL_LIMIT_CONNECT_TIMEOUT_S", "0.5")
+    reset_limits()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ChannelError, match=r"within 0\.5 s"):
+            GrpcChannel.connect(f"127.0.0.1:{port}", ids["bob"], peer_cert=ids["alice"].cert_pem,
+                                timeout=60.0)
+        assert time.monotonic() - t0 < 5
+    finally:
+        monkeypatch.delenv("VEIL_LIMIT_CONNECT_TIMEOUT_S")
+        reset_limits()

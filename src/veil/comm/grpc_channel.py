@@ -42,6 +42,7 @@ from veil.comm.identity import (
     read_cert,
 )
 from veil.errors import ChannelClosed, ChannelError, ChannelTimeout, ConfigError, ResourceLimitError
+from veil.limits import ENV_PREFIX, get_limits
 
 __all__ = ["CHUNK_BYTES", "GrpcChannel", "GrpcListener"]
 
@@ -159,9 +160,12 @@ class GrpcChannel(FrameChannel):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> GrpcChannel:
         """Connect to a listening peer, retrying with backoff until ``connect_timeout``
-        (default ``timeout``); ChannelError naming the address if it cannot be reached or the
-        TLS handshake against the pinned certificate fails."""
+        (default: ``VEIL_LIMIT_CONNECT_TIMEOUT_S`` when that variable is set, else ``timeout``);
+        ChannelError naming the address if it cannot be reached or the TLS handshake against the
+        pinned certificate fails."""
         pem, fp = _resolve_peer(identity, peer_fingerprint, peer_cert)
+        if connect_timeout is None and f"{ENV_PREFIX}CONNECT_TIMEOUT_S" in os.environ:
+            connect_timeout = get_limits().connect_timeout_s
         wait = float(connect_timeout if connect_timeout is not None else timeout)
         creds = grpc.ssl_channel_credentials(
             root_certificates=pem, private_key=identity.key_pem, certificate_chain=identity.cert_pem
