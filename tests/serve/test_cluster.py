@@ -351,6 +351,7 @@ def test_kill_worker_under_load_every_request_answered_once(cluster: LocalCluste
 
     victim = next(p for p in cluster.worker_procs() if "tiny" in p.name)
     retries_before = metric(cluster.gateway_url, "veil_gateway_retries_total")
+    healthy_before = metric(cluster.gateway_url, "veil_gateway_replicas_healthy")
     threads = [threading.Thread(target=load, args=(t,)) for t in range(n_threads)]
     for th in threads:
         th.start()
@@ -365,7 +366,16 @@ def test_kill_worker_under_load_every_request_answered_once(cluster: LocalCluste
         doc = json.loads(text)
         assert doc["id"] == rid
         assert doc["outputs"][0]["data"] == want["outputs"][0]["data"]
-    assert metric(cluster.gateway_url, "veil_gateway_retries_total") > retries_before
+    # the gateway noticed the dead replica: it re-sent a request to another replica, or (when its
+    # status poll ran before any request reached the victim) it took the replica out of rotation
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        retried = metric(cluster.gateway_url, "veil_gateway_retries_total") > retries_before
+        taken_out = metric(cluster.gateway_url, "veil_gateway_replicas_healthy") < healthy_before
+        if retried or taken_out:
+            break
+        time.sleep(0.2)
+    assert retried or taken_out, "the gateway neither retried nor marked the killed replica down"
     # supervision: the dead worker is restarted, re-attests, and the gateway uses it again
     assert cluster.respawn_dead_workers() == [victim.name]
     rid = victim.url.split("//", 1)[-1]
