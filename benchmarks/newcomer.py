@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         quick_cmd = [str(clone / ".venv/bin/veil"), "demo", "--quick"]
         demo_cmd = quick_cmd if args.quick_demo else ["make", "demo"]
         rc_d, sec_d = _run(demo_cmd, clone, work / "demo.log", env)
-        steps["demo"] = {"command": " ".join(demo_cmd[:2]) if not args.quick_demo else "veil demo --quick",
+        steps["demo"] = {"command": "veil demo --quick" if args.quick_demo else "make demo",
                          "rc": rc_d, "seconds": round(sec_d, 1)}
         print(f"demo: rc={rc_d} {sec_d:.0f} s", flush=True)
         found = sorted(clone.glob("runs/**/demo.json"), key=lambda p: p.stat().st_mtime)
