@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import xgboost as xgb
@@ -115,3 +117,43 @@ def test_early_stopping_keeps_best_trees(cancer):
     assert len(ra.model.trees) == len(rb.model.trees) < 12
     assert len(ra.valid_history) >= len(ra.model.trees)
     assert ra.best_iteration == len(ra.model.trees) - 1
+
+
+def _dealer_free_party(ch, role, x, y, params, x_test):
+    from veil.boost.api import make_triple_source
+
+    src = make_triple_source("homomorphic", ch, 0 if role == "active" else 1, arith="ot")
+    try:
+        return party(ch, role, x, y, params, src, x_test)
+    finally:
+        src.close()
+
+
+@pytest.mark.slow
+def test_dealer_free_training_and_prediction_match_the_dealer_model(cancer):
+    """The CLI default (he-agg with dealer-free triples: OU + OT extension) end to end: the model
+    computes the same function as a dealer-trained one up to fixed-point rounding, and the
+    dealer-free prediction (private leaf-indicator product by one OT per element) equals the
+    plaintext evaluation of the reconstructed model."""
+    xtr, xte, ytr, _ = cancer
+    xtr, ytr = xtr[:200], ytr[:200]
+    params = BoostParams(n_estimators=2, max_depth=2, max_bin=8, algorithm="he-agg")
+    (ra, ma, _), (rb, mb, _) = run_parties(
+        _dealer_free_party,
+        _dealer_free_party,
+        timeout=600,
+        args_a=("active", xtr[:, :15], ytr, params, xte[:, :15]),
+        args_b=("passive", xtr[:, 15:], None, params, xte[:, 15:]),
+    )
+    assert mb is None
+    plain = reconstruct_plain(ra.model, rb.model)
+    ref = plain_predict_values(plain, [xte[:, :15], xte[:, 15:]])
+    assert np.max(np.abs(ma - ref)) < 1e-6
+    dealer_params = dataclasses.replace(params, algorithm="ss-agg")
+    (da, dma, _), (db, _, _) = _run(xtr[:, :15], xtr[:, 15:], ytr, dealer_params, xte[:, :15], xte[:, 15:])
+    # same splits, leaf weights equal up to a few units of 2^-20 (probabilistic truncation)
+    dealer = reconstruct_plain(da.model, db.model)
+    for t_free, t_dealer in zip(plain.trees, dealer.trees, strict=True):
+        assert t_free.splits == t_dealer.splits
+        assert np.max(np.abs(t_free.leaf_weights - t_dealer.leaf_weights)) < 1e-4
+    assert np.max(np.abs(ma - dma)) < 1e-3

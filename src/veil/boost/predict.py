@@ -94,9 +94,9 @@ def _secure_predict_margin(
         blk = ind[start : start + ROW_BLOCK]
         if blk.shape[0] == 0:
             break
-        a = AShare(blk if party == 0 else np.zeros_like(blk), party, 0)
-        b = AShare(blk if party == 1 else np.zeros_like(blk), party, 0)
-        leaf = mpc.mul(a, b)
+        # I_0 * I_1: a product of two privately held bits, one OT per element dealer-free
+        # (a Beaver product would cost 128)
+        leaf = AShare(mpc._private_bit_product(np.ascontiguousarray(blk)), party, 0)
         m = (
             mpc.matmul(leaf, ws)
             if w.size
