@@ -11,6 +11,10 @@ comparison circuit, where one HE ciphertext per bit would be ~10^4 times slower.
   receiver sends ``u_j = G(k_j^0) xor G(k_j^1) xor r``; rows are hashed with a tweakable
   correlation-robust hash ``H(i, x) = pi(pi(x) xor i) xor pi(x)`` (``pi`` = fixed-key AES-128,
   Guo et al. 2020), giving random OTs.
+* Native kernel (:mod:`veil.crypto._native`, ``otkernel.c``): transposes and hashes with SSE2 /
+  AES-NI, byte-identical to the numpy functions here, which stay the reference and the fallback
+  (no x86 AES-NI, no C compiler, or ``VEIL_OT_NATIVE=0``). :data:`NATIVE` / :func:`native_status`
+  say which path runs; the two parties may run different paths.
 * AND triple from two random OTs, one per direction: with ROT outputs ``(m0, m1)`` at the
   sender and ``m_c`` at the receiver, ``c * (m0 xor m1) = m0 xor m_c``. So each party's
   random choice bit ``a_i`` times the other's ``b_j = m0 xor m1`` is XOR-shared, giving
@@ -30,17 +34,67 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from nacl import bindings as nb
 
 from veil.comm import Channel, Message
+from veil.crypto import _native
+from veil.crypto._native import OtKernel
 from veil.crypto.mpc_ring import U8, U64
 from veil.crypto.random import random_bytes
 from veil.errors import ProtocolError
 
-__all__ = ["OTExtension", "OtMsg"]
+__all__ = ["OTExtension", "OtMsg", "native_status"]  # and NATIVE (lazy, module __getattr__)
 
 log = logging.getLogger("veil.crypto")
 
 KAPPA = 128
 _CHUNK = 1 << 20  # OTs per transpose block
 _PI_KEY = hashlib.sha256(b"veil-ot-tccr-fixed-key").digest()[:16]
+
+
+_native_lock = threading.Lock()
+_native_state: tuple[OtKernel | None, str] | None = None
+
+
+def _self_test(k: OtKernel) -> bool:
+    """The native kernel against the numpy reference on a fixed input with a tail block."""
+    nbytes = 82  # m = 656: one full 64-byte (512-OT) kernel block, then 16 bytes and a 2-byte tail
+    m = 8 * nbytes
+    data = np.frombuffer(hashlib.shake_128(b"veil-ot-native-selftest").digest(3 * KAPPA * nbytes + 16),
+                         dtype=np.uint8)
+    t, q, u = (data[i * KAPPA * nbytes:(i + 1) * KAPPA * nbytes].reshape(KAPPA, nbytes) for i in range(3))
+    s_row = data[-16:]
+    s_bits = np.unpackbits(s_row, bitorder="little")
+    start = (1 << 40) + 3  # tweaks above 2^32
+    ref = _finish_numpy(t, q.copy(), u, s_bits, s_row, m, start)
+    got = k.finish(t, q, u, s_row, m, start, _PI_KEY)
+    rows = _transpose(t, m)
+    return (all(np.array_equal(a, b) for a, b in zip(ref, got, strict=True))
+            and np.array_equal(k.transpose(t, m), rows)
+            and np.array_equal(k.tccr(rows, start, _PI_KEY), _tccr(rows, start)))
+
+
+def _load_native() -> tuple[OtKernel | None, str]:
+    global _native_state
+    with _native_lock:
+        if _native_state is None:
+            kernel, why = _native.load()
+            if kernel is not None and not _self_test(kernel):
+                log.warning("OT extension: native kernel %s disagrees with numpy; using numpy", kernel.path)
+                kernel, why = None, "native kernel failed its self-test"
+            log.debug("OT extension: %s path (%s)", "native" if kernel else "numpy", why)
+            _native_state = (kernel, why)
+        return _native_state
+
+
+def native_status() -> dict[str, Any]:
+    """Which path :class:`OTExtension` uses for transposes and hashes: ``{"native": bool,
+    "reason": str}`` (loads, and on first use compiles, the kernel)."""
+    kernel, why = _load_native()
+    return {"native": kernel is not None, "reason": why}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NATIVE":  # lazy: compiling the kernel is not an import side effect
+        return _load_native()[0] is not None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class OtMsg(Message, frozen=True):
@@ -76,7 +130,9 @@ def _pi(blocks: U8) -> U8:
     # fixed-key AES as a public random permutation inside a correlation-robust hash; ECB is
     # the right mode for a blockwise permutation (this is not encryption of data)
     enc = Cipher(algorithms.AES(_PI_KEY), modes.ECB()).encryptor()  # noqa: S305
-    return np.frombuffer(enc.update(blocks.tobytes()), dtype=np.uint8).reshape(blocks.shape)
+    out = np.empty(blocks.size + 15, dtype=np.uint8)  # update_into may want a block of slack
+    enc.update_into(np.ascontiguousarray(blocks, dtype=np.uint8).reshape(-1).data, out.data)
+    return out[:blocks.size].reshape(blocks.shape)
 
 
 def _tccr(rows: U8, start: int) -> U8:
@@ -86,7 +142,7 @@ def _tccr(rows: U8, start: int) -> U8:
     p = _pi(rows)
     x = p.copy()
     x.view("<u8").reshape(m, 2)[:, 0] ^= np.arange(start, start + m, dtype=np.uint64)
-    out = np.array(_pi(x))
+    out = _pi(x)
     out ^= p
     return out
 
@@ -123,11 +179,26 @@ def _transpose(cols: U8, m: int) -> U8:
         e = min(total, s + step)
         nbk = e - s
         # u64 word (J, b): byte r = column 8J + r at column byte b
-        x = np.ascontiguousarray(cols[:, s:e].reshape(16, 8, nbk).transpose(0, 2, 1))
+        # a copy (ascontiguousarray would return a view for nbk == 1, and _t8 works in place)
+        x = cols[:, s:e].reshape(16, 8, nbk).transpose(0, 2, 1).copy()
         w = _t8(x.view("<u8").reshape(16, nbk))
         # after the transpose, byte c of word (J, b) is byte J of row 8b + c
         out[8 * s:8 * e] = w.view(np.uint8).reshape(16, nbk, 8).transpose(1, 2, 0).reshape(8 * nbk, 16)
     return out
+
+
+def _finish_numpy(t_cols: U8, q_cols: U8, peer_u: U8, s_bits: U8, s_row: U8, m: int,
+                  start: int) -> tuple[U8, U8, U8]:
+    """The end of an extension call (numpy reference of ``OtKernel.finish``): ``Q = q ^ (s & u)``
+    (``q_cols`` is overwritten), ``(H(Q), H(Q ^ s), H(T))`` on the transposed rows."""
+    np.bitwise_xor(q_cols, peer_u, out=q_cols, where=s_bits[:, None].astype(bool))
+    t_rows = _transpose(t_cols, m)
+    q_rows = _transpose(q_cols, m)
+    mc = _tccr(t_rows, start)
+    m0 = _tccr(q_rows, start)
+    q_rows ^= s_row[None, :]
+    m1 = _tccr(q_rows, start)
+    return m0, m1, mc
 
 
 class OTExtension:
@@ -141,6 +212,8 @@ class OTExtension:
         self._lock = threading.Lock()
         self._nonce = 1
         self._count = 0  # OTs consumed per instance (for hash tweaks)
+        # transposes + hashes: native kernel or numpy (same bytes; tests may set either per party)
+        self._native: OtKernel | None = _load_native()[0]
         self._setup()
 
     # ---- messaging
@@ -207,35 +280,37 @@ class OTExtension:
         log.debug("OT extension: %d base OTs per direction done", KAPPA)
 
     # ---- extension: random OTs in both directions
+    def _expand(self, streams: Sequence[Any], nbytes: int) -> U8:
+        """(128, nbytes) columns: the next ``nbytes`` of each stream, written in place (``update_into``
+        needs up to 15 spare bytes after each row: the flat buffer has them after the last)."""
+        flat = np.empty(KAPPA * nbytes + 15, dtype=np.uint8)
+        zeros = bytes(nbytes)
+        view = flat.data
+        for j, g in enumerate(streams):
+            g.update_into(zeros, view[j * nbytes:])
+        return flat[:KAPPA * nbytes].reshape(KAPPA, nbytes)
+
     def random_ots(self, m: int, choices: U8) -> tuple[U8, U8, U8]:
         """``m`` random OTs per direction. ``choices``: my choice bits (unpacked 0/1, (m,)) for
         the instance where I receive. Returns ``(m0, m1, mc)``: the sender outputs of the
         instance where I send and my receiver outputs, each (m, 16) bytes."""
-        nbytes = (m + 7) // 8
+        if m % 8:
+            raise ProtocolError("OT batch size must be a multiple of 8")
+        nbytes = m // 8
         r_packed = np.packbits(choices.astype(np.uint8), bitorder="little")
         if r_packed.size != nbytes:
             raise ProtocolError("OT: choice vector has the wrong length")
-        zeros = bytes(nbytes)
-        t_cols = np.empty((KAPPA, nbytes), dtype=np.uint8)
-        u_cols = np.empty((KAPPA, nbytes), dtype=np.uint8)
-        for j, (g0, g1) in enumerate(self._g_send):
-            t_cols[j] = np.frombuffer(g0.update(zeros), dtype=np.uint8)
-            u_cols[j] = np.frombuffer(g1.update(zeros), dtype=np.uint8)
+        t_cols = self._expand([g0 for g0, _ in self._g_send], nbytes)
+        u_cols = self._expand([g1 for _, g1 in self._g_send], nbytes)
         u_cols ^= t_cols
         u_cols ^= r_packed[None, :]
         (peer_u,) = self._exchange([u_cols])
-        q_cols = np.empty((KAPPA, nbytes), dtype=np.uint8)
-        for j, g in enumerate(self._g_recv):
-            q_cols[j] = np.frombuffer(g.update(zeros), dtype=np.uint8)
-        q_cols ^= peer_u * self.s_bits[:, None]
+        q_cols = self._expand(self._g_recv, nbytes)
         start = self._count
         self._count += m
-        t_rows = _transpose(t_cols, m)
-        q_rows = _transpose(q_cols, m)
-        mc = _tccr(t_rows, start)
-        m0 = _tccr(q_rows, start)
-        m1 = _tccr(q_rows ^ self.s_row[None, :], start)
-        return m0, m1, mc
+        if self._native is not None:
+            return self._native.finish(t_cols, q_cols, peer_u, self.s_row, m, start, _PI_KEY)
+        return _finish_numpy(t_cols, q_cols, peer_u, self.s_bits, self.s_row, m, start)
 
     def and_triples(self, nbytes: int) -> tuple[U8, U8, U8]:
         """``8 * nbytes`` XOR-shared AND triples, bit-packed like ``TripleSource.bit_triples``."""

@@ -1,0 +1,203 @@
+/* Native kernel of the IKNP OT extension in veil.crypto.triples_ot.
+ *
+ * Byte-identical to the numpy reference (_transpose, _tccr, _finish_numpy); the Python side checks
+ * this with a known-answer self-test before it uses the library, and tests/crypto/test_ot_native.py
+ * compares both paths on random inputs.
+ *
+ * - veil_ot_transpose: the 128 x m bit matrix (128 rows of m/8 bytes, little-endian bit order) to
+ *   (m, 16) rows: bit r of row byte J of OT 8b + c = bit c of column byte b of row 8J + r.
+ *   16 x 16 byte blocks transposed with unpacks, then 8 _mm_movemask_epi8 per 16 rows.
+ * - veil_ot_tccr: H(i, x) = pi(pi(x) ^ i) ^ pi(x), pi = AES-128 under a fixed public key (AES-NI),
+ *   the tweak start + i XORed into the low 8 bytes (little-endian).
+ * - veil_ot_finish: the end of one extension call in one pass over 512-OT blocks (cache-resident):
+ *   q = G(k^s) ^ (s & u) (column-wise), mc = H(T), m0 = H(Q), m1 = H(Q ^ s).
+ *
+ * No secret-dependent branches or memory indices: s only selects through an all-ones/zero mask.
+ * Only functions marked VEIL_TGT use AES-NI / SSE4.1; the Python loader calls veil_ot_cpu_ok()
+ * (cpuid, baseline code) first and never calls them on a CPU without those features.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !(defined(__x86_64__) || defined(__i386__))
+#error "otkernel.c needs x86 (AES-NI, SSE4.1); veil falls back to numpy elsewhere"
+#endif
+
+#include <cpuid.h>
+#include <immintrin.h>
+
+#define VEIL_TGT __attribute__((target("aes,sse4.1")))
+#define VEIL_API __attribute__((visibility("default")))
+
+VEIL_API int veil_ot_abi_version(void) { return 1; }
+
+VEIL_API int veil_ot_cpu_ok(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return ((c >> 25) & 1) /* AES */ && ((c >> 19) & 1) /* SSE4.1 */;
+}
+
+/* ---------------------------------------------------------------- AES-128 (fixed key) */
+
+#define VEIL_EXPAND(k, rcon) veil_expand_step((k), _mm_aeskeygenassist_si128((k), (rcon)))
+
+VEIL_TGT static inline __m128i veil_expand_step(__m128i key, __m128i gen) {
+    gen = _mm_shuffle_epi32(gen, 0xff);
+    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
+    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
+    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
+    return _mm_xor_si128(key, gen);
+}
+
+VEIL_TGT static void veil_aes128_schedule(const uint8_t key[16], __m128i rk[11]) {
+    rk[0] = _mm_loadu_si128((const __m128i *)key);
+    rk[1] = VEIL_EXPAND(rk[0], 0x01);
+    rk[2] = VEIL_EXPAND(rk[1], 0x02);
+    rk[3] = VEIL_EXPAND(rk[2], 0x04);
+    rk[4] = VEIL_EXPAND(rk[3], 0x08);
+    rk[5] = VEIL_EXPAND(rk[4], 0x10);
+    rk[6] = VEIL_EXPAND(rk[5], 0x20);
+    rk[7] = VEIL_EXPAND(rk[6], 0x40);
+    rk[8] = VEIL_EXPAND(rk[7], 0x80);
+    rk[9] = VEIL_EXPAND(rk[8], 0x1b);
+    rk[10] = VEIL_EXPAND(rk[9], 0x36);
+}
+
+/* n <= 8 blocks in place; the loops have constant bounds when n is constant (unrolled, interleaved) */
+VEIL_TGT static inline void veil_aes_n(__m128i *b, int n, const __m128i rk[11]) {
+    for (int i = 0; i < n; i++) b[i] = _mm_xor_si128(b[i], rk[0]);
+    for (int r = 1; r < 10; r++)
+        for (int i = 0; i < n; i++) b[i] = _mm_aesenc_si128(b[i], rk[r]);
+    for (int i = 0; i < n; i++) b[i] = _mm_aesenclast_si128(b[i], rk[10]);
+}
+
+/* TCCR over n <= 8 rows: out[i] = pi(pi(in[i]) ^ (tweak + i)) ^ pi(in[i]); out may alias in */
+VEIL_TGT static inline void veil_tccr_n(const uint8_t *in, uint8_t *out, int n, uint64_t tweak,
+                                        const __m128i rk[11]) {
+    __m128i p[8], x[8];
+    for (int i = 0; i < n; i++) p[i] = _mm_loadu_si128((const __m128i *)(in + 16 * i));
+    veil_aes_n(p, n, rk);
+    for (int i = 0; i < n; i++)
+        x[i] = _mm_xor_si128(p[i], _mm_set_epi64x(0, (long long)(tweak + (uint64_t)i)));
+    veil_aes_n(x, n, rk);
+    for (int i = 0; i < n; i++) _mm_storeu_si128((__m128i *)(out + 16 * i), _mm_xor_si128(x[i], p[i]));
+}
+
+VEIL_TGT static void veil_tccr_rows(const uint8_t *in, uint8_t *out, size_t n, uint64_t start,
+                                    const __m128i rk[11]) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) veil_tccr_n(in + 16 * i, out + 16 * i, 8, start + i, rk);
+    for (; i < n; i++) veil_tccr_n(in + 16 * i, out + 16 * i, 1, start + i, rk);
+}
+
+VEIL_API VEIL_TGT void veil_ot_tccr(const uint8_t *in, uint8_t *out, size_t n, uint64_t start,
+                                    const uint8_t key[16]) {
+    __m128i rk[11];
+    veil_aes128_schedule(key, rk);
+    veil_tccr_rows(in, out, n, start, rk);
+}
+
+/* ---------------------------------------------------------------- bit-matrix transpose */
+
+/* v[k] = bytes b0..b0+15 of row k (16 rows) -> v[c] = byte c of rows 0..15 */
+VEIL_TGT static inline void veil_transpose16x16(__m128i v[16]) {
+    __m128i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[i] = _mm_unpacklo_epi8(v[2 * i], v[2 * i + 1]);     /* cols 0-7, rows 2i,2i+1 */
+        t[i + 8] = _mm_unpackhi_epi8(v[2 * i], v[2 * i + 1]); /* cols 8-15 */
+    }
+    /* t[h*8 + i]: column half h, row pair i; 16-bit word c = column 8h + c */
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < 4; i++) {
+            u[h * 8 + i] = _mm_unpacklo_epi16(t[h * 8 + 2 * i], t[h * 8 + 2 * i + 1]);     /* cols 8h+0..3 */
+            u[h * 8 + 4 + i] = _mm_unpackhi_epi16(t[h * 8 + 2 * i], t[h * 8 + 2 * i + 1]); /* cols 8h+4..7 */
+        }
+    /* u[g*4 + i]: column quad g (cols 4g..4g+3), row quad i (rows 4i..4i+3); dword c = col 4g + c */
+    for (int g = 0; g < 4; g++) {
+        __m128i lo0 = _mm_unpacklo_epi32(u[4 * g + 0], u[4 * g + 1]); /* cols 4g, 4g+1; rows 0-7 */
+        __m128i hi0 = _mm_unpackhi_epi32(u[4 * g + 0], u[4 * g + 1]); /* cols 4g+2, 4g+3; rows 0-7 */
+        __m128i lo1 = _mm_unpacklo_epi32(u[4 * g + 2], u[4 * g + 3]); /* rows 8-15 */
+        __m128i hi1 = _mm_unpackhi_epi32(u[4 * g + 2], u[4 * g + 3]);
+        v[4 * g + 0] = _mm_unpacklo_epi64(lo0, lo1);
+        v[4 * g + 1] = _mm_unpackhi_epi64(lo0, lo1);
+        v[4 * g + 2] = _mm_unpacklo_epi64(hi0, hi1);
+        v[4 * g + 3] = _mm_unpackhi_epi64(hi0, hi1);
+    }
+}
+
+static inline __m128i veil_load_part(const uint8_t *p, size_t avail) {
+    if (avail >= 16) return _mm_loadu_si128((const __m128i *)p);
+    uint8_t tmp[16] = {0};
+    memcpy(tmp, p, avail);
+    return _mm_loadu_si128((const __m128i *)tmp);
+}
+
+/* Transpose column bytes [b0, b0 + nb) (nb <= BLK) of the 128 rows into rows 8*b0 .. 8*(b0+nb) of out.
+ * If u != NULL, row j is cols[j] ^ (u[j] & mask_j) with mask_j all-ones iff bit j of s is set.
+ * The rows are 'stride' bytes apart (a power of two for 2^k OTs: the same cache set), so each row's
+ * BLK = 64 bytes (one cache line when aligned) are consumed at once, not 16 per pass. */
+#define VEIL_BLK 64
+VEIL_TGT static void veil_transpose_block(const uint8_t *cols, const uint8_t *u, const uint8_t *s,
+                                          size_t stride, size_t b0, size_t nb, uint8_t *out) {
+    for (int jb = 0; jb < 8; jb++) {
+        __m128i v[VEIL_BLK / 16][16];
+        for (int k = 0; k < 16; k++) {
+            size_t j = (size_t)(16 * jb + k);
+            const uint8_t *src = cols + j * stride + b0;
+            __m128i m = _mm_setzero_si128();
+            if (u) m = _mm_set1_epi8((char)(0 - ((s[j >> 3] >> (j & 7)) & 1)));
+            for (size_t g = 0; g * 16 < nb; g++) {
+                size_t avail = nb - 16 * g;
+                v[g][k] = veil_load_part(src + 16 * g, avail);
+                if (u)
+                    v[g][k] = _mm_xor_si128(
+                        v[g][k], _mm_and_si128(veil_load_part(u + j * stride + b0 + 16 * g, avail), m));
+            }
+        }
+        for (size_t g = 0; g * 16 < nb; g++) {
+            size_t ng = nb - 16 * g < 16 ? nb - 16 * g : 16;
+            veil_transpose16x16(v[g]);
+            for (size_t bb = 0; bb < ng; bb++) {
+                __m128i x = v[g][bb];
+                uint8_t *row = out + 16 * (8 * (b0 + 16 * g + bb)) + 2 * jb;
+                for (int c = 7; c >= 0; c--) {
+                    /* bit 7 of byte k = bit c of column byte (row 16 jb + k, b0 + 16 g + bb) */
+                    uint16_t w = (uint16_t)_mm_movemask_epi8(_mm_slli_epi64(x, 7 - c));
+                    memcpy(row + 16 * c, &w, 2);
+                }
+            }
+        }
+    }
+}
+
+VEIL_API VEIL_TGT void veil_ot_transpose(const uint8_t *cols, size_t stride, size_t nbytes, uint8_t *out) {
+    for (size_t b0 = 0; b0 < nbytes; b0 += VEIL_BLK) {
+        size_t nb = nbytes - b0 < VEIL_BLK ? nbytes - b0 : VEIL_BLK;
+        veil_transpose_block(cols, NULL, NULL, stride, b0, nb, out);
+    }
+}
+
+/* ---------------------------------------------------------------- fused end of an extension call */
+
+VEIL_API VEIL_TGT void veil_ot_finish(const uint8_t *t_cols, const uint8_t *q_cols, const uint8_t *peer_u,
+                                      const uint8_t s_row[16], size_t nbytes, uint64_t start,
+                                      const uint8_t key[16], uint8_t *m0, uint8_t *m1, uint8_t *mc) {
+    __m128i rk[11];
+    veil_aes128_schedule(key, rk);
+    const __m128i s = _mm_loadu_si128((const __m128i *)s_row);
+    for (size_t b0 = 0; b0 < nbytes; b0 += VEIL_BLK) {
+        size_t nb = nbytes - b0 < VEIL_BLK ? nbytes - b0 : VEIL_BLK;
+        size_t r0 = 8 * b0, nr = 8 * nb; /* OT rows of this block (<= 512, 8 KiB per output) */
+        veil_transpose_block(t_cols, NULL, NULL, nbytes, b0, nb, mc);
+        veil_transpose_block(q_cols, peer_u, s_row, nbytes, b0, nb, m0);
+        for (size_t i = 0; i < nr; i++) {
+            uint8_t *q = m0 + 16 * (r0 + i);
+            _mm_storeu_si128((__m128i *)(m1 + 16 * (r0 + i)),
+                             _mm_xor_si128(_mm_loadu_si128((const __m128i *)q), s));
+        }
+        veil_tccr_rows(mc + 16 * r0, mc + 16 * r0, nr, start + r0, rk);
+        veil_tccr_rows(m0 + 16 * r0, m0 + 16 * r0, nr, start + r0, rk);
+        veil_tccr_rows(m1 + 16 * r0, m1 + 16 * r0, nr, start + r0, rk);
+    }
+}
