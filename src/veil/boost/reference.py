@@ -30,6 +30,38 @@ class PlainTree:
     leaf_weights: F64
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeTrace:
+    """What the reference decided at one internal node (tests compare the secure trainer to it).
+
+    ``gains`` are the gains of every candidate of both parties (party 0's first, ``n_cand0`` of
+    them; INVALID_GAIN where ``min_child_weight`` is violated) without the parent term;
+    ``winner`` is the index of the (first) maximum, ``chosen`` the candidate taken (``winner``
+    unless forced); ``split`` is True when the node really splits (``gains[chosen] - parent >
+    gamma + SPLIT_EPS`` and every ancestor really split).
+    """
+
+    tree: int
+    node: int
+    gains: F64
+    parent: float
+    winner: int
+    chosen: int
+    n_cand0: int
+    split: bool
+
+    def index_of(self, owner: int, split: SplitInfo, max_bin: int, dirs: tuple[bool, bool]) -> int:
+        """Global candidate index of ``owner``'s ``split`` (inverse of :meth:`candidate`)."""
+        local = (split.feature * (2 if dirs[owner] else 1) + int(split.missing_left)) * max_bin + split.bin
+        return local + (self.n_cand0 if owner == 1 else 0)
+
+    def candidate(self, index: int, max_bin: int, dirs: tuple[bool, bool]) -> tuple[int, SplitInfo]:
+        """Global candidate index -> (owner party, split without threshold)."""
+        p, local = (0, index) if index < self.n_cand0 else (1, index - self.n_cand0)
+        f, ml, b = candidate_layout(local, max_bin, dirs[p])
+        return p, SplitInfo(f, b, ml, 0.0)
+
+
 @dataclasses.dataclass
 class PlainModel:
     """A whole model in plaintext (reference / debug reconstruction only)."""
@@ -112,8 +144,15 @@ def train_reference(
     params: BoostParams,
     *,
     valid: tuple[list[I32], F64] | None = None,
+    trace: list[NodeTrace] | None = None,
+    force: dict[tuple[int, int], int] | None = None,
 ) -> PlainModel:
-    """Train in plaintext with exactly the secure algorithm's rules."""
+    """Train in plaintext with exactly the secure algorithm's rules.
+
+    ``trace``: when given, one :class:`NodeTrace` per internal node of every tree is appended.
+    ``force``: (tree, node) -> global candidate index taken there instead of the argmax (tests
+    replay the secure trainer's choice at a near-tie to keep comparing the trees after it).
+    """
     params.validate()
     n = y.shape[0]
     mb = params.max_bin
@@ -144,12 +183,32 @@ def train_reference(
                 all_gains.append(gains(gl, hl, gsum, hsum, params.reg_lambda, params.min_child_weight))
             cat = np.concatenate(all_gains, axis=1)
             win = np.argmax(cat, axis=1)
+            argmax_win = win.copy()
+            for k in range(2**level):
+                forced = (force or {}).get((t, 2**level - 1 + k))
+                if forced is not None:
+                    win[k] = forced
             best_gain = cat[np.arange(cat.shape[0]), win]
             parent = gsum * gsum / (hsum + params.reg_lambda)
             v = ((best_gain > INVALID_GAIN / 2) & (best_gain - parent > params.gamma + SPLIT_EPS)).astype(
                 float
             )
             node_v.append(v)
+            if trace is not None:
+                alive = effective_alive(node_v)
+                for k in range(2**level):
+                    trace.append(
+                        NodeTrace(
+                            t,
+                            2**level - 1 + k,
+                            cat[k].copy(),
+                            float(parent[k]),
+                            int(argmax_win[k]),
+                            int(win[k]),
+                            all_gains[0].shape[1],
+                            bool(alive[k] > 0),
+                        )
+                    )
             nxt = np.empty((n, 2 ** (level + 1)))
             n0 = all_gains[0].shape[1]
             for k in range(2**level):
@@ -188,6 +247,14 @@ def effective_weights(node_w: list[F64], node_v: list[F64]) -> F64:
         eff = par + np.repeat(real, 2) * (child - par)
         alive = np.repeat(real, 2)
     return eff
+
+
+def effective_alive(node_v: list[F64]) -> F64:
+    """1 for each node of the last level in ``node_v`` that splits and whose ancestors all split."""
+    alive = np.ones(1)
+    for v in node_v[:-1]:
+        alive = np.repeat(alive * v, 2)
+    return alive * node_v[-1]
 
 
 def eval_metric(objective: str, margin: F64, y: F64) -> float:
