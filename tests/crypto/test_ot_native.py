@@ -185,6 +185,7 @@ def test_env_switch_forces_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_no_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("VEIL_OT_NATIVE", raising=False)
     monkeypatch.setenv("VEIL_CACHE_DIR", str(tmp_path / "c"))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     kernel, why = _native.load()
@@ -196,6 +197,7 @@ def test_no_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 
 
 def test_shared_cache_dir_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("VEIL_OT_NATIVE", raising=False)
     if _native.platform.machine().lower() not in _native._X86:
         pytest.skip("loader stops earlier on non-x86")
     d = tmp_path / "shared"
