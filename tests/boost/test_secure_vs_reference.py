@@ -228,8 +228,8 @@ def test_dealer_free_triples_match_reference(cancer):
     from veil.crypto.triples_he import HomomorphicTriples
 
     xtr, _, ytr, _ = cancer
-    xtr, ytr = xtr[:200], ytr[:200]
-    params = BoostParams(n_estimators=2, max_depth=3, max_bin=8)
+    xtr, ytr = xtr[:120], ytr[:120]
+    params = BoostParams(n_estimators=2, max_depth=2, max_bin=4)
 
     def party(ch, role, x, y):
         src = HomomorphicTriples(ch, 0 if role == "active" else 1, arith="ot", timeout=300)
@@ -242,4 +242,60 @@ def test_dealer_free_triples_match_reference(cancer):
         party, party, timeout=600, args_a=("active", xtr[:, :15], ytr), args_b=("passive", xtr[:, 15:], None)
     )
     plain = reconstruct_plain(ma, mb)
-    check_equal(plain, [ma.binner.transform(xtr[:, :15]), mb.binner.transform(xtr[:, 15:])], ytr, params)
+    bins = [ma.binner.transform(xtr[:, :15]), mb.binner.transform(xtr[:, 15:])]
+    trace, _ = check_equal(plain, bins, ytr, params)
+    assert sum(nt.split for nt in trace) >= 3
+
+
+def explain_demo_run(root: str) -> None:
+    """Compare the two model files of a ``veil demo`` act 1 run with the reference (a tool, not a test).
+
+    ``python -m tests.boost.test_secure_vs_reference RUN/act1`` prints the secure and the reference
+    AUC on the demo's test rows and every near-tie the secure model took.
+    """
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from veil.boost.model import load_model
+
+    def table(role: str, part: str) -> pd.DataFrame:
+        return pd.read_csv(f"{root}/parties/{role}/{part}.csv")
+
+    ma = load_model(f"{root}/parties/active/model.json")
+    mp = load_model(f"{root}/parties/passive/model.json")
+    secure = reconstruct_plain(ma, mp)
+    params = BoostParams(
+        n_estimators=len(secure.trees), max_depth=secure.depth, max_bin=ma.max_bin, algorithm=ma.algorithm
+    )
+    data = {}
+    for part in ("train", "test"):
+        a, p = table("active", part), table("passive", part)
+        joined = a.merge(p, on="id")  # the rows both parties hold (what PSI aligns)
+        cols_a = [c for c in a.columns if c not in ("id", "diagnosis")]
+        cols_p = [c for c in p.columns if c != "id"]
+        bins = [
+            ma.binner.transform(joined[cols_a].to_numpy(float)),
+            mp.binner.transform(joined[cols_p].to_numpy(float)),
+        ]
+        data[part] = (bins, joined["diagnosis"].to_numpy(float))
+    (bins, y), (bins_te, y_te) = data["train"], data["test"]
+    plain_ref = train_reference(bins, y, params)
+    forced, _, ties = align_with_reference(secure, bins, y, params)
+    for name, model in (
+        ("secure", secure),
+        ("reference", plain_ref),
+        ("reference forced at the ties", forced),
+    ):
+        auc = roc_auc_score(y_te, model.predict_margin_bins(bins_te, params.max_bin))
+        print(f"AUC {name}: {auc:.4f}")
+    for tie in ties:
+        print("near-tie:", tie)
+    for t, (ts, tr) in enumerate(zip(secure.trees, forced.trees, strict=True)):
+        err = float(np.max(np.abs(ts.leaf_weights - tr.leaf_weights)))
+        print(f"tree {t}: max |secure - forced reference| leaf weight {err:.2e}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    explain_demo_run(sys.argv[1])
