@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -81,6 +82,45 @@ def test_level_sums_of_both_owners_reconstruct_the_plaintext_sums(algorithm: str
             ref = _dense_onehot(bins[h], N_BINS).T @ v
             np.testing.assert_array_equal(res0[lvl][h] + res1[lvl][h], ref)
             assert not np.array_equal(res0[lvl][h], ref)  # a share alone is not the sum
+
+
+@pytest.mark.slow
+def test_he_sums_in_a_narrowed_ring_equal_the_64_bit_sums() -> None:
+    """he-agg with a public bound on the sums (``bound_bits``, as logistic training passes) packs
+    more values per ciphertext (shares reduced mod 2^k) and lifts the result back to Z_2^64 with
+    one comparison per value: the sums are exactly those of the 64-bit path, negative ones too."""
+    from veil.crypto import he
+
+    rng = np.random.default_rng(23)
+    n, feats, frac = 300, (2, 3), 20
+    bins = [_bins(rng, n, feats[0]), _bins(rng, n, feats[1])]
+    bound = frac + 2 + math.ceil(math.log2(n))
+    # signed values with |v| <= 2^frac (like g in [-1, 1]), extremes included
+    vals = rng.integers(-(2**frac), 2**frac, (n, 4), endpoint=True)
+    vals[:, 0] = 2**frac
+    vals[:, 1] = -(2**frac)
+    v = vals.astype(np.int64).view(np.uint64)
+    mask = rng.integers(0, 2**64 - 1, v.shape, dtype=np.uint64, endpoint=True)
+    s0, s1 = LocalDealer.pair()
+    keys = [he.keygen(scheme="ou", key_bits=2048) for _ in range(2)]
+
+    def role(ch: Any, party: int) -> tuple[list[np.ndarray], list[int], list[int]]:
+        mpc = MPC(ch, party, s0 if party == 0 else s1, FixedPoint(frac))
+        he_keys = (keys[party], keys[1 - party].public)
+        aggs = [
+            HEAggregator(mpc, h, bins[h] if h == party else None, n, feats[h], N_BINS, f"agg{h}", _Timed(),
+                         he_keys, bound_bits=bound)
+            for h in (0, 1)
+        ]
+        share = AShare(v - mask if party == 0 else mask, party, frac)
+        return [s.values for s in level_sums(aggs, share)], [a.ring for a in aggs], [a.slots for a in aggs]
+
+    (r0, rings, slots), (r1, _, _) = run_parties(lambda ch: role(ch, 0), lambda ch: role(ch, 1), timeout=300)
+    assert rings == [bound, bound] and min(slots) >= 6  # 5 slots without the bound (OU-2048)
+    for h in (0, 1):
+        ref = (_dense_onehot(bins[h], N_BINS).T @ v).view(np.int64)  # exact mod 2^64, signed
+        np.testing.assert_array_equal((r0[h] + r1[h]).view(np.int64), ref)
+        assert (ref < 0).any() and (ref > 0).any()
 
 
 def test_ss_aggregator_refuses_more_columns_than_prepared() -> None:

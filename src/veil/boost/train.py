@@ -317,6 +317,11 @@ class _Trainer:
 
     def _build_aggs(self, tbins: I32, tree: int) -> list[Any]:
         cls = SSAggregator if self.p.algorithm == "ss-agg" else HEAggregator
+        # he-agg may aggregate in a narrower ring when every bucket sum has a public bound:
+        # logistic |g| <= 1 (+ sigmoid error), 0 <= h <= 1/4, so |sum over n rows| < 2^(f + 1 + log2 n)
+        bound = None
+        if self.p.objective == "binary:logistic":
+            bound = self.fxp.frac_bits + 2 + max(1, math.ceil(math.log2(max(self.n, 2))))
         return [
             cls(
                 self.mpc,
@@ -328,6 +333,7 @@ class _Trainer:
                 f"t{tree}/agg{holder}",
                 self.timing,
                 (self.he_keys, self.peer_pk),
+                bound_bits=bound,
             )
             for holder in (0, 1)
         ]
