@@ -107,6 +107,14 @@ def _party(
     }
 
 
+TRANSPORTS = {
+    "memory": "memory: both parties threads of one process (one GIL: HEU holds it while encrypting, so "
+    "the parties' HE work is serialised)",
+    "grpc": "grpc: two OS processes over GrpcChannel with mutual TLS on 127.0.0.1 (as deployed, "
+    "every byte serialised, encrypted and copied)",
+}
+
+
 def run_one(
     rows: int,
     algorithm: str,
@@ -116,6 +124,7 @@ def run_one(
     max_bin: int,
     he_backend: str | None,
     timeout: float,
+    transport: str = "memory",
 ) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
@@ -130,6 +139,7 @@ def run_one(
         "n_estimators": trees,
         "max_depth": depth,
         "max_bin": max_bin,
+        "transport": TRANSPORTS[transport],
     }
     # plaintext xgboost with the same hyper-parameters
     import xgboost as xgb
@@ -153,9 +163,12 @@ def run_one(
     try:
         s0, s1, dealer = triple_sources(triples)
         t0 = time.perf_counter()
+        if transport == "grpc" and dealer is not None:
+            raise ValueError("--transport grpc runs dealer-free triples only (the dealer is a thread here)")
         ra, rb = run_parties(
             _party,
             _party,
+            transport=transport,
             timeout=timeout,
             args_a=("active", xtr[:, :20], ytr, params, s0, xte[:, :20], he_backend),
             args_b=("passive", xtr[:, 20:], None, params, s1, xte[:, 20:], he_backend),
@@ -273,7 +286,9 @@ def _rate(ops: int, seconds: float) -> float | None:
 
 def _run_key(r: dict[str, Any]) -> tuple[Any, ...]:
     """What identifies a benchmark configuration (``--merge`` replaces runs with the same key)."""
-    return tuple(r.get(k) for k in ("rows", "algorithm", "triples", "n_estimators", "max_depth", "max_bin"))
+    transport = str(r.get("transport") or "memory").split(":")[0]  # rows before --transport: memory
+    keys = ("rows", "algorithm", "triples", "n_estimators", "max_depth", "max_bin")
+    return (*(r.get(k) for k in keys), transport)
 
 
 def _merged(out: Path, mine: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -403,6 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-bin", type=int, default=16)
     ap.add_argument("--he-backend", default=None)
     ap.add_argument("--timeout", type=float, default=3600.0, help="per run")
+    ap.add_argument(
+        "--transport",
+        choices=sorted(TRANSPORTS),
+        default="memory",
+        help="memory: parties are threads of this process (default); grpc: two processes over "
+        "TLS on localhost (dealer-free triples only)",
+    )
     ap.add_argument("--out", default=str(RESULTS / "boost.json"))
     ap.add_argument("--append", action="store_true", help="add to the runs already in --out")
     ap.add_argument(
@@ -503,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
                         "status": f"skipped: a smaller run of this combination exceeded {args.budget:g} s",
                     }
                 else:
-                    r = run_one(n, alg, tk, trees, depth, args.max_bin, args.he_backend, args.timeout)
+                    r = run_one(
+                        n, alg, tk, trees, depth, args.max_bin, args.he_backend, args.timeout, args.transport
+                    )
                     if r.get("status") != "ok" or r.get("seconds", 0) > args.budget:
                         slow.add((alg, tk))
                 r["meta"] = meta
