@@ -107,6 +107,56 @@ def test_finish_native_equals_numpy(m: int) -> None:
     np.testing.assert_array_equal(got[1], T._tccr(T._transpose(masked, m) ^ s_row[None, :], 999))
 
 
+@needs_native
+@pytest.mark.parametrize(("offset", "nbytes"), [(0, 0), (0, 1), (0, 131072 + 3), (7, 16), (16, 33),
+                                                (12345, 1000), ((1 << 33) + 9, 40)])
+def test_ctr_native_equals_cryptography(offset: int, nbytes: int) -> None:
+    rng = np.random.default_rng(offset + nbytes)
+    keys = _u8(rng, 5, 32)
+    got = native.ctr(keys, offset, nbytes)
+    assert got.shape == (5, nbytes)
+    for i in range(5):
+        # the persistent reader positioned at offset, and (small offsets) one read from byte 0
+        assert got[i].tobytes() == T._stream(keys[i].tobytes(), offset).update(bytes(nbytes))
+        if offset < 1 << 20:
+            assert got[i].tobytes() == T._stream(keys[i].tobytes()).update(bytes(offset + nbytes))[offset:]
+    if nbytes:
+        assert not np.array_equal(got[0], got[1])
+
+
+def test_stream_at_offset_continues_the_stream() -> None:
+    key = bytes(range(32))
+    whole = T._stream(key).update(bytes(100))
+    for off in (0, 1, 15, 16, 17, 64, 99):
+        assert T._stream(key, off).update(bytes(100 - off)) == whole[off:]
+
+
+def _switching_role(p: int, flips: list[bool]) -> Any:
+    def f(ch: Channel) -> list[Any]:
+        ot = T.OTExtension(ch, p, timeout=60)
+        out = []
+        for i, use_native in enumerate(flips):
+            ot._native = native if use_native else None
+            m = 8 * (3 + 5 * i)  # odd byte counts: offsets inside a 16-byte keystream block
+            c = (np.arange(m) % (2 + p) == 0).astype(np.uint8)
+            out.append((c, ot.random_ots(m, c)))
+        return out
+
+    return f
+
+
+@needs_native
+def test_path_switch_between_calls_keeps_streams_in_step() -> None:
+    """A party may change path between calls: the numpy readers are re-positioned at the native
+    offset (party 0 switches every call, party 1 never / always)."""
+    for other in (False, True):
+        r0, r1 = run_parties(_switching_role(0, [True, False, True, False, False, True]),
+                             _switching_role(1, [other] * 6), timeout=120)
+        for (c0, (m0_a, m1_a, mc_a)), (c1, (m0_b, m1_b, mc_b)) in zip(r0, r1, strict=True):
+            np.testing.assert_array_equal(mc_b, np.where(c1[:, None] == 1, m1_a, m0_a))
+            np.testing.assert_array_equal(mc_a, np.where(c0[:, None] == 1, m1_b, m0_b))
+
+
 def _mixed_role(p: int, paths: tuple[bool, bool], choices: list[np.ndarray], bits: list[np.ndarray]) -> Any:
     def f(ch: Channel) -> dict[str, Any]:
         ot = T.OTExtension(ch, p, timeout=60)

@@ -2,6 +2,11 @@
 
 ``python -m veil.crypto.mpc_bench [--quick] [--out FILE.json]``
 
+``python -m veil.crypto.mpc_bench --only otk [--ot-m 1048576] [--ot-reps 5] [--out F.json] [--plot F.png]``:
+``OTExtension.random_ots`` with the numpy path and the native kernel (both parties, then mixed),
+plus the kernel's parts alone (one thread, no channel); a rich table. Works against a library
+without the native kernel too (``PYTHONPATH`` at an older ``src``): then only the numpy rows.
+
 Both parties run as threads over a :class:`~veil.comm.MemoryChannel` (frames go through the
 real codec, so bytes are real; no network latency). Triples: ``LocalDealer`` (the trusted
 dealer's generator in-process: online cost + dealer work) and ``HomomorphicTriples`` (OU).
@@ -10,6 +15,7 @@ dealer's generator in-process: online cost + dealer work) and ``HomomorphicTripl
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -53,15 +59,147 @@ def _timed(name: str, fn: Callable[[MPC, Any], Any], arg0: Any, arg1: Any, rows:
     print(json.dumps(row), flush=True)
 
 
+def _median(xs: list[float]) -> float:
+    return float(np.median(np.asarray(xs)))
+
+
+def bench_ot_kernels(m: int, reps: int, rows: list[dict[str, Any]]) -> None:
+    """random_ots (m OTs per direction) per path pair, and transpose / TCCR / finish alone."""
+    from veil.crypto import triples_ot as T
+
+    status = (T.native_status() if hasattr(T, "native_status")
+              else {"native": False, "reason": "library without the native kernel"})
+    rev = os.environ.get("VEIL_BENCH_REV", "")
+    kern = T._load_native()[0] if status["native"] else None
+    if m % 8:
+        raise SystemExit("--ot-m must be a multiple of 8")
+    choices = (np.arange(m) % 3 == 0).astype(np.uint8)  # data, not randomness: the OTs are random anyway
+
+    def role(p: int, path: str) -> Callable[[Channel], list[float]]:
+        def f(ch: Channel) -> list[float]:
+            ot = T.OTExtension(ch, p, timeout=600)
+            if path == "numpy" and hasattr(ot, "_native"):
+                ot._native = None
+            ot.random_ots(8, np.zeros(8, np.uint8))  # base OTs and first-call costs outside the timing
+            out = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                ot.random_ots(m, choices)
+                out.append(time.perf_counter() - t)
+            return out
+
+        return f
+
+    pairs = [("numpy", "numpy")] + ([("native", "native"), ("native", "numpy")] if kern else [])
+    base = None
+    for p0, p1 in pairs:
+        t0, t1 = run_parties(role(0, p0), role(1, p1), timeout=1200)
+        per = [max(a, b) for a, b in zip(t0, t1, strict=True)]
+        med = _median(per)
+        base = base or med
+        row = {"op": "OTExtension.random_ots (both directions, two threads)", "paths": f"{p0}/{p1}",
+               "ots_per_direction": m, "reps": reps, "seconds_median": round(med, 4),
+               "seconds_min": round(min(per), 4), "ots_per_second": round(m / med),
+               "speedup_vs_numpy": round(base / med, 2), "load1": round(os.getloadavg()[0], 2),
+               "native_reason": status["reason"], **({"library_rev": rev} if rev else {})}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    # the kernel's parts alone: one thread, no channel
+    buf = np.frombuffer(hashlib.shake_128(b"veil-ot-bench").digest(3 * 16 * m + 16), dtype=np.uint8)
+    t_cols, q_cols, u_cols = (buf[i * 16 * m:(i + 1) * 16 * m].reshape(128, m // 8) for i in range(3))
+    s_row = buf[-16:]
+    s_bits = np.unpackbits(s_row, bitorder="little")
+    t_rows = T._transpose(t_cols, m)
+    parts: list[tuple[str, Callable[[], Any], Callable[[], Any] | None]] = [
+        ("transpose", lambda: T._transpose(t_cols, m), (lambda: kern.transpose(t_cols, m)) if kern else None),
+        ("tccr", lambda: T._tccr(t_rows, 0), (lambda: kern.tccr(t_rows, 0, T._PI_KEY)) if kern else None),
+    ]
+    if hasattr(T, "_finish_numpy"):
+        nat_fin = (lambda: kern.finish(t_cols, q_cols, u_cols, s_row, m, 0, T._PI_KEY)) if kern else None
+        parts.append(("finish (2 transposes + 3 hashes)",
+                      lambda: T._finish_numpy(t_cols, q_cols.copy(), u_cols, s_bits, s_row, m, 0), nat_fin))
+    for name, f_np, f_nat in parts:
+        times: dict[str, float] = {}
+        for label, f in (("numpy", f_np), ("native", f_nat)):
+            if f is None:
+                continue
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t)
+            times[label] = _median(ts)
+        row = {"op": f"kernel part: {name} (one thread)", "ots": m, "reps": reps,
+               **{f"{k}_seconds_median": round(v, 4) for k, v in times.items()},
+               **({"speedup": round(times["numpy"] / times["native"], 1)} if "native" in times else {}),
+               "load1": round(os.getloadavg()[0], 2)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def _ot_table(rows: list[dict[str, Any]], png: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    tab = Table(title="OT extension: numpy vs native kernel (seconds, median)")
+    for col in ("op", "paths", "OTs", "seconds", "OTs/s", "speed-up", "load1"):
+        tab.add_column(col)
+    ot_rows = [r for r in rows if str(r["op"]).startswith(("OTExtension", "kernel part"))]
+    for r in ot_rows:
+        if "paths" in r:
+            tab.add_row(r["op"], r["paths"], f"{r['ots_per_direction']:,}", f"{r['seconds_median']:.3f}",
+                        f"{r['ots_per_second']:,}", f"{r['speedup_vs_numpy']}x", str(r["load1"]))
+        else:
+            keys = ("numpy_seconds_median", "native_seconds_median")
+            sec = " / ".join(f"{r[k]:.4f}" for k in keys if k in r)
+            tab.add_row(r["op"], "numpy / native" if "speedup" in r else "numpy", f"{r['ots']:,}", sec, "",
+                        f"{r['speedup']}x" if "speedup" in r else "", str(r["load1"]))
+    Console(width=160).print(tab)
+    if png and ot_rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels, np_s, nat_s = [], [], []
+        for r in ot_rows:
+            if "paths" in r:
+                labels.append(f"random_ots {r['paths']}")
+                np_s.append(r["seconds_median"] if r["paths"] == "numpy/numpy" else 0.0)
+                nat_s.append(r["seconds_median"] if r["paths"] != "numpy/numpy" else 0.0)
+            else:
+                labels.append(r["op"].removeprefix("kernel part: ").removesuffix(" (one thread)"))
+                np_s.append(r.get("numpy_seconds_median", 0.0))
+                nat_s.append(r.get("native_seconds_median", 0.0))
+        x = np.arange(len(labels))
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        ax.bar(x - 0.2, np_s, 0.4, label="numpy")
+        ax.bar(x + 0.2, nat_s, 0.4, label="native (or mixed)")
+        ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("seconds (median)")
+        m = ot_rows[0].get("ots_per_direction", ot_rows[0].get("ots"))
+        ax.set_title(f"OT extension, {m:,} OTs: numpy vs native (load1 {ot_rows[-1]['load1']})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes (< 1 min)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--no-he", action="store_true", help="skip dealer-free (HE) measurements")
-    ap.add_argument("--only", default="", help="comma list: mul,ltz,argmax,reciprocal,sigmoid,pm,he,df")
+    ap.add_argument("--only", default="", help="comma list: mul,ltz,argmax,reciprocal,sigmoid,pm,he,df,otk "
+                    "(otk: OT extension numpy vs native kernel; only when named)")
+    ap.add_argument("--ot-m", type=int, default=1 << 20, help="otk: OTs per direction and call")
+    ap.add_argument("--ot-reps", type=int, default=5, help="otk: timed calls per path")
+    ap.add_argument("--plot", default=None, help="otk: write a PNG bar chart here")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     rows: list[dict[str, Any]] = []
+    if "otk" in args.only.split(","):
+        bench_ot_kernels(args.ot_m if not args.quick else min(args.ot_m, 1 << 17), args.ot_reps, rows)
+        _ot_table(rows, args.plot)
     n = 20_000 if args.quick else 100_000
     x = rng.uniform(-100, 100, n)
     y = rng.uniform(-100, 100, n)

@@ -66,7 +66,11 @@ def _self_test(k: OtKernel) -> bool:
     ref = _finish_numpy(t, q.copy(), u, s_bits, s_row, m, start)
     got = k.finish(t, q, u, s_row, m, start, _PI_KEY)
     rows = _transpose(t, m)
-    return (all(np.array_equal(a, b) for a, b in zip(ref, got, strict=True))
+    keys = t[:3].reshape(-1)[:96].reshape(3, 32)
+    ctr_ok = all(
+        k.ctr(keys, off, n)[i].tobytes() == _stream(keys[i].tobytes()).update(bytes(off + n))[off:]
+        for off, n in ((0, 16), (5, 300), (160, 29)) for i in range(3))
+    return (ctr_ok and all(np.array_equal(a, b) for a, b in zip(ref, got, strict=True))
             and np.array_equal(k.transpose(t, m), rows)
             and np.array_equal(k.tccr(rows, start, _PI_KEY), _tccr(rows, start)))
 
@@ -121,9 +125,13 @@ def _prg(key: bytes, nonce: int, nbytes: int) -> U8:
     return np.frombuffer(enc.update(b"\x00" * nbytes), dtype=np.uint8)
 
 
-def _stream(key: bytes) -> Any:
-    """An AES-256-CTR keystream reader (``.update(zeros)``) for one base-OT key."""
-    return Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
+def _stream(key: bytes, offset: int = 0) -> Any:
+    """An AES-256-CTR keystream reader (``.update(zeros)``) for one base-OT key (counter block 0
+    = byte 0), positioned at byte ``offset``."""
+    enc = Cipher(algorithms.AES(key), modes.CTR((offset // 16).to_bytes(16, "big"))).encryptor()
+    if offset % 16:
+        enc.update(bytes(offset % 16))
+    return enc
 
 
 def _pi(blocks: U8) -> U8:
@@ -277,18 +285,37 @@ class OTExtension:
         # keystream is ever reused): no cipher set-up per call
         self._g_send = [(_stream(k0), _stream(k1)) for k0, k1 in self.send_keys]
         self._g_recv = [_stream(k) for k in self.recv_keys]
+        self._g_pos = 0  # where those readers are; the native kernel computes blocks at an offset
+        self._off = 0  # keystream bytes used so far, per key (the same for every key)
+        self._keys = tuple(np.frombuffer(b"".join(ks), dtype=np.uint8).reshape(KAPPA, 32) for ks in (
+            [k0 for k0, _ in self.send_keys], [k1 for _, k1 in self.send_keys], self.recv_keys))
         log.debug("OT extension: %d base OTs per direction done", KAPPA)
 
     # ---- extension: random OTs in both directions
-    def _expand(self, streams: Sequence[Any], nbytes: int) -> U8:
-        """(128, nbytes) columns: the next ``nbytes`` of each stream, written in place (``update_into``
-        needs up to 15 spare bytes after each row: the flat buffer has them after the last)."""
-        flat = np.empty(KAPPA * nbytes + 15, dtype=np.uint8)
+    def _expand(self, nbytes: int) -> list[U8]:
+        """The next ``nbytes`` of every base-OT key's AES-256-CTR keystream: ``G(k^0)``, ``G(k^1)``
+        (where I receive) and ``G(k^s)`` (where I send), each (128, nbytes). Native: the blocks at
+        the current offset (no GIL held); numpy path: the persistent readers, re-positioned if the
+        native path ran in between."""
+        off = self._off
+        self._off += nbytes
+        if self._native is not None:
+            return [self._native.ctr(k, off, nbytes) for k in self._keys]
+        if self._g_pos != off:
+            self._g_send = [(_stream(k0, off), _stream(k1, off)) for k0, k1 in self.send_keys]
+            self._g_recv = [_stream(k, off) for k in self.recv_keys]
+        self._g_pos = off + nbytes
         zeros = bytes(nbytes)
-        view = flat.data
-        for j, g in enumerate(streams):
-            g.update_into(zeros, view[j * nbytes:])
-        return flat[:KAPPA * nbytes].reshape(KAPPA, nbytes)
+        out = []
+        for streams in ([g0 for g0, _ in self._g_send], [g1 for _, g1 in self._g_send], self._g_recv):
+            # written in place (update_into may want up to 15 spare bytes after a row: the flat
+            # buffer has them after the last)
+            flat = np.empty(KAPPA * nbytes + 15, dtype=np.uint8)
+            view = flat.data
+            for j, g in enumerate(streams):
+                g.update_into(zeros, view[j * nbytes:])
+            out.append(flat[:KAPPA * nbytes].reshape(KAPPA, nbytes))
+        return out
 
     def random_ots(self, m: int, choices: U8) -> tuple[U8, U8, U8]:
         """``m`` random OTs per direction. ``choices``: my choice bits (unpacked 0/1, (m,)) for
@@ -300,12 +327,10 @@ class OTExtension:
         r_packed = np.packbits(choices.astype(np.uint8), bitorder="little")
         if r_packed.size != nbytes:
             raise ProtocolError("OT: choice vector has the wrong length")
-        t_cols = self._expand([g0 for g0, _ in self._g_send], nbytes)
-        u_cols = self._expand([g1 for _, g1 in self._g_send], nbytes)
+        t_cols, u_cols, q_cols = self._expand(nbytes)
         u_cols ^= t_cols
         u_cols ^= r_packed[None, :]
         (peer_u,) = self._exchange([u_cols])
-        q_cols = self._expand(self._g_recv, nbytes)
         start = self._count
         self._count += m
         if self._native is not None:

@@ -31,7 +31,7 @@ from veil.crypto.mpc_ring import U8
 
 __all__ = ["ABI_VERSION", "OtKernel", "cache_dir", "load"]
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 SOURCE = Path(__file__).with_name("otkernel.c")
 CFLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-std=gnu99")
 _X86 = {"x86_64", "amd64", "i386", "i486", "i586", "i686", "x86"}
@@ -57,6 +57,8 @@ class OtKernel:
         lib.veil_ot_tccr.restype = None
         lib.veil_ot_finish.argtypes = [_vp, _vp, _vp, _vp, _sz, ctypes.c_uint64, _vp, _vp, _vp, _vp]
         lib.veil_ot_finish.restype = None
+        lib.veil_ot_ctr256.argtypes = [_vp, _sz, ctypes.c_uint64, _sz, _vp]
+        lib.veil_ot_ctr256.restype = None
 
     def transpose(self, cols: U8, m: int) -> U8:
         """(128, m/8) column bit-matrix -> (m, 16) rows (``m % 8 == 0``, checked by the caller)."""
@@ -70,6 +72,16 @@ class OtKernel:
         out = np.empty_like(r)
         k = np.frombuffer(key, dtype=np.uint8)
         self._lib.veil_ot_tccr(_ptr(r), _ptr(out), r.shape[0], start % (1 << 64), _ptr(k))
+        return out
+
+    def ctr(self, keys: U8, offset: int, nbytes: int) -> U8:
+        """Keystream bytes ``[offset, offset + nbytes)`` of AES-256-CTR (counter block 0 first, a
+        128-bit big-endian counter) under each of the (n, 32) ``keys``: (n, nbytes)."""
+        k = np.ascontiguousarray(keys, dtype=np.uint8)
+        if k.ndim != 2 or k.shape[1] != 32 or offset < 0:
+            raise ValueError("OtKernel.ctr: keys must be (n, 32), offset >= 0")
+        out = np.empty((k.shape[0], nbytes), dtype=np.uint8)
+        self._lib.veil_ot_ctr256(_ptr(k), k.shape[0], offset, nbytes, _ptr(out))
         return out
 
     def finish(self, t_cols: U8, q_cols: U8, peer_u: U8, s_row: U8, m: int, start: int,

@@ -30,7 +30,7 @@
 #define VEIL_TGT __attribute__((target("aes,sse4.1")))
 #define VEIL_API __attribute__((visibility("default")))
 
-VEIL_API int veil_ot_abi_version(void) { return 1; }
+VEIL_API int veil_ot_abi_version(void) { return 2; }
 
 VEIL_API int veil_ot_cpu_ok(void) {
     unsigned int a, b, c, d;
@@ -96,6 +96,89 @@ VEIL_API VEIL_TGT void veil_ot_tccr(const uint8_t *in, uint8_t *out, size_t n, u
     __m128i rk[11];
     veil_aes128_schedule(key, rk);
     veil_tccr_rows(in, out, n, start, rk);
+}
+
+/* ---------------------------------------------------------------- AES-256-CTR column expansion */
+
+VEIL_TGT static inline __m128i veil_expand_a(__m128i key, __m128i gen) {
+    /* like veil_expand_step, gen already shuffled */
+    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
+    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
+    key = _mm_xor_si128(key, _mm_slli_si128(key, 4));
+    return _mm_xor_si128(key, gen);
+}
+
+#define VEIL_K256(i, rcon)                                                                              \
+    do {                                                                                                \
+        rk[2 * (i)] = veil_expand_a(rk[2 * (i) - 2],                                                    \
+                                    _mm_shuffle_epi32(_mm_aeskeygenassist_si128(rk[2 * (i) - 1], rcon), 0xff)); \
+        if ((i) < 7)                                                                                    \
+            rk[2 * (i) + 1] = veil_expand_a(                                                            \
+                rk[2 * (i) - 1], _mm_shuffle_epi32(_mm_aeskeygenassist_si128(rk[2 * (i)], 0x00), 0xaa)); \
+    } while (0)
+
+VEIL_TGT static void veil_aes256_schedule(const uint8_t key[32], __m128i rk[15]) {
+    rk[0] = _mm_loadu_si128((const __m128i *)key);
+    rk[1] = _mm_loadu_si128((const __m128i *)(key + 16));
+    VEIL_K256(1, 0x01);
+    VEIL_K256(2, 0x02);
+    VEIL_K256(3, 0x04);
+    VEIL_K256(4, 0x08);
+    VEIL_K256(5, 0x10);
+    VEIL_K256(6, 0x20);
+    VEIL_K256(7, 0x40);
+}
+
+VEIL_TGT static inline void veil_aes256_n(__m128i *b, int n, const __m128i rk[15]) {
+    for (int i = 0; i < n; i++) b[i] = _mm_xor_si128(b[i], rk[0]);
+    for (int r = 1; r < 14; r++)
+        for (int i = 0; i < n; i++) b[i] = _mm_aesenc_si128(b[i], rk[r]);
+    for (int i = 0; i < n; i++) b[i] = _mm_aesenclast_si128(b[i], rk[14]);
+}
+
+/* the 16-byte counter block number (hi, lo) as a 128-bit big-endian integer (CTR as in OpenSSL) */
+static inline __m128i veil_ctr_block(uint64_t hi, uint64_t lo) {
+    return _mm_set_epi64x((long long)__builtin_bswap64(lo), (long long)__builtin_bswap64(hi));
+}
+
+/* For each of nkeys AES-256 keys (32 bytes each): keystream bytes [offset, offset + nbytes) of
+ * AES-256-CTR with initial counter block 0 into out + k * nbytes. Equal to reading a
+ * cryptography/OpenSSL CTR encryptor (nonce 0^128) sequentially up to offset + nbytes. */
+VEIL_API VEIL_TGT void veil_ot_ctr256(const uint8_t *keys, size_t nkeys, uint64_t offset, size_t nbytes,
+                                      uint8_t *out) {
+    if (nbytes == 0) return;
+    uint64_t first = offset >> 4, last = (offset + nbytes - 1) >> 4; /* offsets stay far below 2^64 */
+    size_t skip = (size_t)(offset & 15);
+    for (size_t k = 0; k < nkeys; k++) {
+        __m128i rk[15];
+        veil_aes256_schedule(keys + 32 * k, rk);
+        uint8_t *dst = out + k * nbytes;
+        size_t pos = 0; /* bytes written */
+        uint64_t blk = first;
+        while (blk <= last) {
+            __m128i b[8];
+            int n = (last - blk + 1) >= 8 ? 8 : (int)(last - blk + 1);
+            for (int i = 0; i < n; i++) b[i] = veil_ctr_block(0, blk + (uint64_t)i);
+            if (n == 8)
+                veil_aes256_n(b, 8, rk);
+            else
+                veil_aes256_n(b, n, rk);
+            for (int i = 0; i < n; i++) {
+                uint8_t tmp[16];
+                size_t from = (blk + (uint64_t)i == first) ? skip : 0;
+                size_t len = 16 - from;
+                if (len > nbytes - pos) len = nbytes - pos;
+                if (from == 0 && len == 16) {
+                    _mm_storeu_si128((__m128i *)(dst + pos), b[i]);
+                } else {
+                    _mm_storeu_si128((__m128i *)tmp, b[i]);
+                    memcpy(dst + pos, tmp + from, len);
+                }
+                pos += len;
+            }
+            blk += (uint64_t)n;
+        }
+    }
 }
 
 /* ---------------------------------------------------------------- bit-matrix transpose */
