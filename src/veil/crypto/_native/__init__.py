@@ -10,7 +10,10 @@ flags and the compiler; the library is written under a temporary name and rename
 :func:`load` never raises: without x86, a compiler, a private cache directory, or a CPU with
 AES-NI and SSE4.1 (checked by ``cpuid`` inside the library before any AES instruction runs), or
 with ``VEIL_OT_NATIVE=0``, it returns ``(None, reason)`` and the caller keeps its numpy path.
-Nothing here is secret: the kernel computes public functions (bit transposes, a fixed-key hash).
+The functions are public (bit transposes, a fixed-key hash, AES-CTR) but their inputs are secret
+(base-OT keys, PRG columns, OT pads): the C code has no secret-dependent branches or memory
+indices (AES by AES-NI), and the library is loaded only from a directory that belongs to this user
+and that group/others cannot write (so nobody else can swap the code that sees those secrets).
 """
 
 from __future__ import annotations

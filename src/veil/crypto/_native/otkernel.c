@@ -1,6 +1,6 @@
 /* Native kernel of the IKNP OT extension in veil.crypto.triples_ot.
  *
- * Byte-identical to the numpy reference (_transpose, _tccr, _finish_numpy); the Python side checks
+ * Byte-identical to the numpy reference (_transpose, _tccr, _finish_numpy, _stream); the Python side checks
  * this with a known-answer self-test before it uses the library, and tests/crypto/test_ot_native.py
  * compares both paths on random inputs.
  *
@@ -9,6 +9,8 @@
  *   16 x 16 byte blocks transposed with unpacks, then 8 _mm_movemask_epi8 per 16 rows.
  * - veil_ot_tccr: H(i, x) = pi(pi(x) ^ i) ^ pi(x), pi = AES-128 under a fixed public key (AES-NI),
  *   the tweak start + i XORed into the low 8 bytes (little-endian).
+ * - veil_ot_ctr256: the AES-256-CTR column expansion G(k) of every base-OT key, keystream bytes
+ *   [offset, offset + n) (counter block 0 first, 128-bit big-endian counter, as OpenSSL's CTR).
  * - veil_ot_finish: the end of one extension call in one pass over 512-OT blocks (cache-resident):
  *   q = G(k^s) ^ (s & u) (column-wise), mc = H(T), m0 = H(Q), m1 = H(Q ^ s).
  *
