@@ -161,9 +161,11 @@ def check_equal(
 
 def train_both(xa, xp, y, params: BoostParams):
     s0, s1 = LocalDealer.pair()
+    # he-agg: 1024-bit keys keep the test fast (training warns: tests only); same protocol code
+    kw = {"he_key_bits": 1024} if params.algorithm == "he-agg" else {}
     ra, rb = run_parties(
-        lambda ch: secure_train(ch, "active", xa, y, params, s0),
-        lambda ch: secure_train(ch, "passive", xp, None, params, s1),
+        lambda ch: secure_train(ch, "active", xa, y, params, s0, **kw),
+        lambda ch: secure_train(ch, "passive", xp, None, params, s1, **kw),
         timeout=600,
     )
     plain = reconstruct_plain(ra.model, rb.model)
@@ -183,6 +185,15 @@ def test_breast_cancer_15_15(cancer_run):
     plain, bins, y, params = cancer_run
     trace, _ = check_equal(plain, bins, y, params)
     assert sum(nt.split for nt in trace) >= 12  # the comparison covers real splits
+
+
+def test_breast_cancer_15_15_he_agg(cancer):
+    """he-agg: HE bucket sums (narrowed ring for logistic loss), then the same SS split finding."""
+    xtr, _, ytr, _ = cancer
+    params = BoostParams(n_estimators=3, max_depth=3, max_bin=16, algorithm="he-agg")
+    plain, bins = train_both(xtr[:, :15], xtr[:, 15:], ytr, params)
+    trace, _ = check_equal(plain, bins, ytr, params)
+    assert sum(nt.split for nt in trace) >= 12
 
 
 def test_regression():
