@@ -11,10 +11,10 @@ comparison circuit, where one HE ciphertext per bit would be ~10^4 times slower.
   receiver sends ``u_j = G(k_j^0) xor G(k_j^1) xor r``; rows are hashed with a tweakable
   correlation-robust hash ``H(i, x) = pi(pi(x) xor i) xor pi(x)`` (``pi`` = fixed-key AES-128,
   Guo et al. 2020), giving random OTs.
-* Native kernel (:mod:`veil.crypto._native`, ``otkernel.c``): transposes and hashes with SSE2 /
-  AES-NI, byte-identical to the numpy functions here, which stay the reference and the fallback
-  (no x86 AES-NI, no C compiler, or ``VEIL_OT_NATIVE=0``). :data:`NATIVE` / :func:`native_status`
-  say which path runs; the two parties may run different paths.
+* Native kernel (:mod:`veil.crypto._native`, ``otkernel.c``): CTR expansion, transposes and
+  hashes with SSE2 / AES-NI, byte-identical to the numpy functions here, which stay the reference
+  and the fallback (no x86 AES-NI, no C compiler, or ``VEIL_OT_NATIVE=0``). :data:`NATIVE` /
+  :func:`native_status` say which path runs; the two parties may run different paths.
 * AND triple from two random OTs, one per direction: with ROT outputs ``(m0, m1)`` at the
   sender and ``m_c`` at the receiver, ``c * (m0 xor m1) = m0 xor m_c``. So each party's
   random choice bit ``a_i`` times the other's ``b_j = m0 xor m1`` is XOR-shared, giving
@@ -89,7 +89,7 @@ def _load_native() -> tuple[OtKernel | None, str]:
 
 
 def native_status() -> dict[str, Any]:
-    """Which path :class:`OTExtension` uses for transposes and hashes: ``{"native": bool,
+    """Which path :class:`OTExtension` uses for CTR expansion, transposes, hashes: ``{"native": bool,
     "reason": str}`` (loads, and on first use compiles, the kernel)."""
     kernel, why = _load_native()
     return {"native": kernel is not None, "reason": why}
@@ -220,7 +220,8 @@ class OTExtension:
         self._lock = threading.Lock()
         self._nonce = 1
         self._count = 0  # OTs consumed per instance (for hash tweaks)
-        # transposes + hashes: native kernel or numpy (same bytes; tests may set either per party)
+        # CTR expansion, transposes, hashes: native kernel or numpy (same bytes; either per party,
+        # tests set it per instance, even between calls)
         self._native: OtKernel | None = _load_native()[0]
         self._setup()
 
