@@ -52,6 +52,19 @@ def test_transpose_native_equals_numpy(m: int) -> None:
 
 
 @needs_native
+def test_kernel_wrappers_refuse_bad_shapes() -> None:
+    """The C code trusts its sizes: the wrappers check them (no out-of-bounds read)."""
+    cols = np.zeros((128, 10), dtype=np.uint8)
+    for bad in (lambda: native.transpose(cols, 160), lambda: native.transpose(cols[:64], 80),
+                lambda: native.transpose(cols, 12),
+                lambda: native.tccr(np.zeros((4, 8), np.uint8), 0, T._PI_KEY),
+                lambda: native.finish(cols, cols, cols[:, :9], np.zeros(16, np.uint8), 80, 0, T._PI_KEY),
+                lambda: native.ctr(np.zeros((2, 16), np.uint8), 0, 8)):
+        with pytest.raises(ValueError):
+            bad()
+
+
+@needs_native
 def test_transpose_native_strided_input() -> None:
     rng = np.random.default_rng(1)
     wide = _u8(rng, 128, 300)

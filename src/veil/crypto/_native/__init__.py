@@ -66,12 +66,16 @@ class OtKernel:
     def transpose(self, cols: U8, m: int) -> U8:
         """(128, m/8) column bit-matrix -> (m, 16) rows (``m % 8 == 0``, checked by the caller)."""
         c = np.ascontiguousarray(cols, dtype=np.uint8)
+        if c.ndim != 2 or c.shape[0] != 128 or m % 8 or m < 0 or c.shape[1] < m // 8:
+            raise ValueError("OtKernel.transpose: cols must be (128, >= m/8), m a multiple of 8")
         out = np.empty((m, 16), dtype=np.uint8)
         self._lib.veil_ot_transpose(_ptr(c), c.shape[1], m // 8, _ptr(out))
         return out
 
     def tccr(self, rows: U8, start: int, key: bytes) -> U8:
         r = np.ascontiguousarray(rows, dtype=np.uint8)
+        if r.ndim != 2 or r.shape[1] != 16 or len(key) != 16:
+            raise ValueError("OtKernel.tccr: rows must be (n, 16), key 16 bytes")
         out = np.empty_like(r)
         k = np.frombuffer(key, dtype=np.uint8)
         self._lib.veil_ot_tccr(_ptr(r), _ptr(out), r.shape[0], start % (1 << 64), _ptr(k))
@@ -96,7 +100,8 @@ class OtKernel:
         u = np.ascontiguousarray(peer_u, dtype=np.uint8)
         s = np.ascontiguousarray(s_row, dtype=np.uint8)
         nbytes = m // 8
-        if not (t.shape == q.shape == u.shape == (128, nbytes) and s.shape == (16,)):
+        if m % 8 or not (t.shape == q.shape == u.shape == (128, nbytes) and s.shape == (16,)
+                         and len(key) == 16):
             raise ValueError("OtKernel.finish: wrong shapes")
         k = np.frombuffer(key, dtype=np.uint8)
         m0 = np.empty((m, 16), dtype=np.uint8)
@@ -189,5 +194,5 @@ def load() -> tuple[OtKernel | None, str]:
         if not lib.veil_ot_cpu_ok():
             return None, "CPU lacks AES-NI or SSE4.1"
         return OtKernel(lib, so), f"native kernel {so}"
-    except (OSError, AttributeError) as exc:
+    except (OSError, AttributeError, RuntimeError, ValueError) as exc:  # RuntimeError: no home dir
         return None, f"native kernel unavailable: {exc}"
