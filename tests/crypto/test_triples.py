@@ -17,6 +17,7 @@ from veil.crypto.mpc_ring import ring_matmul
 from veil.crypto.sharing import AShare, share, share_floats
 from veil.crypto.triples import DealerSeed, LocalDealer, TrustedDealer, run_dealer
 from veil.crypto.triples_he import HomomorphicTriples
+from veil.errors import InputError
 from veil.testing import run_parties
 
 FXP = FixedPoint(20)
@@ -423,3 +424,30 @@ def test_ot_and_private() -> None:
 
         z0, z1 = run_parties(role(0), role(1), timeout=120)
         np.testing.assert_array_equal(z0 ^ z1, xs[0] & xs[1])
+
+
+@pytest.mark.parametrize("dealer", [True, False])
+def test_bits_matvec_equals_the_plaintext_product(dealer: bool) -> None:
+    """ind @ w for a shared 0/1 matrix (leaf indicators) and shared weights: exact in the ring with
+    a dealer (matrix triple) and dealer-free (one OT product per element + a row sum)."""
+    rng = np.random.default_rng(29)
+    ind = rng.integers(0, 2, (53, 12), dtype=np.uint64)
+    w = rng.integers(0, 2**64 - 1, 12, dtype=np.uint64, endpoint=True)
+    i0, i1 = share(ind)
+    w0, w1 = share(w)
+    kp = None if dealer else he.keygen(scheme="ou", key_bits=1024,
+                                       backend="heu" if "heu" in he.available_backends() else None)
+    d = LocalDealer.pair() if dealer else (None, None)
+
+    def role(p: int, ishare: Any, wshare: Any) -> Any:
+        def f(ch: Channel) -> Any:
+            src = d[p] if dealer else HomomorphicTriples(ch, p, keypair=kp if p == 0 else None, timeout=60)
+            mpc = MPC(ch, p, src, FXP, timeout=60)
+            with pytest.raises(InputError):
+                mpc.bits_matvec(AShare(ishare, p, 0), AShare(wshare[:5], p, FXP.frac_bits))
+            return mpc.bits_matvec(AShare(ishare, p, 0), AShare(wshare, p, FXP.frac_bits)).values
+
+        return f
+
+    r0, r1 = run_parties(role(0, i0, w0), role(1, i1, w1), timeout=300)
+    np.testing.assert_array_equal(r0 + r1, ind @ w)

@@ -98,7 +98,7 @@ def _secure_predict_margin(
         # (a Beaver product would cost 128)
         leaf = AShare(mpc._private_bit_product(np.ascontiguousarray(blk)), party, 0)
         m = (
-            mpc.matmul(leaf, ws)
+            mpc.bits_matvec(leaf, ws)
             if w.size
             else AShare(np.zeros(blk.shape[0], np.uint64), party, model.frac_bits)
         )

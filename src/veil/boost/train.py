@@ -502,21 +502,6 @@ def abort_peer(channel: Channel, exc: BaseException) -> None:
         log.debug("could not abort the channel: %s", err)
 
 
-def _indicator_matvec(mpc: MPC, ind: AShare, w: AShare) -> AShare:
-    """``ind @ w`` for a shared 0/1 matrix ``ind`` (n, L) and shared leaf weights ``w`` (L,).
-
-    Dealer-free (a source with online OT) it is one bit x value product per element
-    (``mul_bits``: one OT per element and direction, 3.2 M OTs at 50k rows x 32 leaves) and a
-    local row sum; a matrix Beaver triple would cost 64 L correction vectors of n ring elements
-    each way (819 MB at 50k rows; ~40 s per tree). With a dealer the matrix triple is cheaper.
-    """
-    if mpc._online("bit_mul") is None:
-        return mpc.matmul(ind, w)
-    wide = AShare(np.broadcast_to(w.values, ind.shape), mpc.party, w.frac_bits)
-    (prod,) = mpc.mul_bits([(ind, wide)])
-    return AShare(prod.values.sum(axis=1, dtype=np.uint64), mpc.party, w.frac_bits)
-
-
 def _secure_train(
     channel: Channel,
     role: str,
@@ -603,7 +588,7 @@ def _secure_train(
     for t in range(params.n_estimators):
         gh = tr.grad_hess(margin, ys)
         splits, leaf_w, ind = tr.tree(t, gh, binner)
-        margin = margin + _indicator_matvec(mpc, ind, leaf_w)
+        margin = margin + mpc.bits_matvec(ind, leaf_w)
         trees.append(PartyTree(splits, leaf_w.values.copy()))
         ch.send(TreeDone(t, len(trees)))
         done = ch.recv(TreeDone)
@@ -615,7 +600,7 @@ def _secure_train(
             lb = {node: child_left_bits(vbins, s, params.max_bin) for node, s in splits.items()}
             own = leaf_indicator(lb, vbins.shape[0], depth).astype(np.uint64)
             leaf = AShare(mpc._private_bit_product(np.ascontiguousarray(own)), party, 0)
-            vmargin = vmargin + _indicator_matvec(mpc, leaf, leaf_w)
+            vmargin = vmargin + mpc.bits_matvec(leaf, leaf_w)
             revealed = mpc.reveal(vmargin, to=0)
             if party == 0:
                 if revealed is None or yv is None:
