@@ -359,9 +359,21 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     def cfg(r: dict[str, Any]) -> str:
         return f"{r['n_estimators']} trees, depth {r['max_depth']}"
 
-    for key in sorted({(r["algorithm"], r["triples"], cfg(r)) for r in ok}):
-        pts = sorted((r["rows"], r["seconds"]) for r in ok if (r["algorithm"], r["triples"], cfg(r)) == key)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} / {key[1]} ({key[2]})")
+    def series(r: dict[str, Any]) -> tuple[str, str, str]:
+        transport = str(r.get("transport") or "memory").split(":")[0]
+        extra = "" if transport == "memory" else f", {transport}"
+        return (r["algorithm"], r["triples"], cfg(r) + extra)
+
+    for key in sorted({series(r) for r in ok}):
+        pts = sorted((r["rows"], r["seconds"]) for r in ok if series(r) == key)
+        style = "--" if "grpc" in key[2] else "-"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=style,
+                label=f"{key[0]} / {key[1]} ({key[2]})")
+    # the targets at 50k rows x 40 features, 10 trees, depth 5
+    for secs, what in ((120.0, "target with dealer"), (300.0, "target dealer-free")):
+        ax.plot([50_000], [secs], marker="*", markersize=11, linestyle="none", color="black")
+        ax.annotate(f"{what} ({secs:g} s)", (50_000, secs), textcoords="offset points", xytext=(8, -3),
+                    fontsize=7)
     for c in sorted({cfg(r) for r in runs if "seconds_xgboost" in r}):
         xg = sorted(
             {(r["rows"], r["seconds_xgboost"]) for r in runs if "seconds_xgboost" in r and cfg(r) == c}
@@ -425,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         help="memory: parties are threads of this process (default); grpc: two processes over "
         "TLS on localhost (dealer-free triples only)",
     )
-    ap.add_argument("--out", default=str(RESULTS / "boost.json"))
+    ap.add_argument("--out", default=None, help="default results/boost.json (--quick: boost_quick.json)")
     ap.add_argument("--append", action="store_true", help="add to the runs already in --out")
     ap.add_argument(
         "--merge",
@@ -454,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = args.triples or (["dealer"] if args.quick else ["dealer", "homomorphic"])
     slow: set[tuple[str, str]] = set()
     depth = args.depth or (3 if args.quick else 5)
-    out = Path(args.out)
+    # --quick (make bench) must not replace the full runs in boost.json
+    out = Path(args.out or RESULTS / ("boost_quick.json" if args.quick else "boost.json"))
     if args.he_rates:
         rates = he_rates((args.rows or [50_000])[0], 300, args.he_backend)
         path = out.parent / "boost_he_rates.json"
