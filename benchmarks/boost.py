@@ -108,8 +108,8 @@ def _party(
 
 
 TRANSPORTS = {
-    "memory": "memory: both parties threads of one process (one GIL: HEU holds it while encrypting, so "
-    "the parties' HE work is serialised)",
+    "memory": "memory: both parties threads of one process over MemoryChannel (no serialisation or "
+    "encryption of messages)",
     "grpc": "grpc: two OS processes over GrpcChannel with mutual TLS on 127.0.0.1 (as deployed, "
     "every byte serialised, encrypted and copied)",
 }
@@ -212,6 +212,15 @@ def run_one(
     return run
 
 
+def _he_layout(rows: int, plaintext_bits: int) -> tuple[int, int, int]:
+    """he-agg's (ring, slot bits, slots per plaintext) for this benchmark (logistic loss)."""
+    from veil.boost.histogram import he_slot_layout, sum_bound_bits
+    from veil.boost.train import DEFAULT_FRAC_BITS
+
+    bound = sum_bound_bits("binary:logistic", DEFAULT_FRAC_BITS, rows)
+    return he_slot_layout(rows, plaintext_bits, bound)
+
+
 def he_encryption_estimate(rows: int, trees: int, depth: int, he_backend: str | None) -> dict[str, Any]:
     """he-agg's OU encryption count for this configuration (both parties; the packing of
     ``HEAggregator``) and the packed-plaintext encryption rate measured now on this machine."""
@@ -221,8 +230,7 @@ def he_encryption_estimate(rows: int, trees: int, depth: int, he_backend: str | 
     from veil.crypto import he
 
     kp = he.keygen(scheme="ou", key_bits=2048, backend=he_backend)
-    slot_bits = 65 + max(1, math.ceil(math.log2(max(rows, 2)))) + 40 + 1
-    slots = max(1, (kp.public.plaintext_bits - 1) // slot_bits)
+    _, slot_bits, slots = _he_layout(rows, kp.public.plaintext_bits)
     cols = [2] + [2 * 2 ** (d - 1) for d in range(1, depth)]  # left children's g, h per level
     per_row = sum(math.ceil(c / slots) for c in cols)
     count = 2 * rows * per_row * trees
@@ -243,18 +251,16 @@ def he_encryption_estimate(rows: int, trees: int, depth: int, he_backend: str | 
 def he_rates(rows: int, count: int, he_backend: str | None) -> list[dict[str, Any]]:
     """Encryptions/s vs plaintext width for OU-2048 and Paillier-2048 (HEU: ZPaillier), and the
     values/s he-agg would get with 1..max slots of its slot width for ``rows`` rows."""
-    import math
     import random
 
     from veil.crypto import he
 
-    slot_bits = 65 + max(1, math.ceil(math.log2(max(rows, 2)))) + 40 + 1
     out = []
     for scheme in ("ou", "paillier"):
         t0 = time.perf_counter()
         kp = he.keygen(scheme=scheme, key_bits=2048, backend=he_backend)
         keygen_s = time.perf_counter() - t0
-        max_slots = max(1, (kp.public.plaintext_bits - 1) // slot_bits)
+        _, slot_bits, max_slots = _he_layout(rows, kp.public.plaintext_bits)
         widths = sorted({64, 128, 256, 610} | {k * slot_bits for k in (1, 2, max_slots)})
         for bits in [w for w in widths if w < kp.public.plaintext_bits]:
             vals = [random.getrandbits(bits - 1) for _ in range(count)]  # benchmark data
@@ -286,9 +292,13 @@ def _rate(ops: int, seconds: float) -> float | None:
 
 def _run_key(r: dict[str, Any]) -> tuple[Any, ...]:
     """What identifies a benchmark configuration (``--merge`` replaces runs with the same key)."""
-    transport = str(r.get("transport") or "memory").split(":")[0]  # rows before --transport: memory
     keys = ("rows", "algorithm", "triples", "n_estimators", "max_depth", "max_bin")
-    return (*(r.get(k) for k in keys), transport)
+    return (*(r.get(k) for k in keys), _transport(r))
+
+
+def _transport(r: dict[str, Any]) -> str:
+    """A run's transport name (runs recorded before --transport existed used memory)."""
+    return str(r.get("transport") or "memory").split(":")[0]
 
 
 def _merged(out: Path, mine: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -360,8 +370,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         return f"{r['n_estimators']} trees, depth {r['max_depth']}"
 
     def series(r: dict[str, Any]) -> tuple[str, str, str]:
-        transport = str(r.get("transport") or "memory").split(":")[0]
-        extra = "" if transport == "memory" else f", {transport}"
+        extra = "" if _transport(r) == "memory" else f", {_transport(r)}"
         return (r["algorithm"], r["triples"], cfg(r) + extra)
 
     for key in sorted({series(r) for r in ok}):

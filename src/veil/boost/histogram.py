@@ -42,13 +42,47 @@ from veil.crypto.mpc_ring import ring_matmul
 from veil.crypto.random import random_int_array
 from veil.crypto.sharing import AShare
 
-__all__ = ["HEAggregator", "OneHotSums", "SSAggregator", "level_sums", "lift_narrow", "onehot_bucket_sums"]
+__all__ = [
+    "HEAggregator",
+    "OneHotSums",
+    "SSAggregator",
+    "he_slot_layout",
+    "level_sums",
+    "lift_narrow",
+    "onehot_bucket_sums",
+    "sum_bound_bits",
+]
 
 U64 = npt.NDArray[np.uint64]
 I32 = npt.NDArray[np.int32]
 
 _CHUNK = 1 << 22
 STAT_BITS = 40
+
+
+def sum_bound_bits(objective: str, frac_bits: int, n_rows: int) -> int | None:
+    """``k`` with ``|every bucket sum of g or h| < 2^(k-1)``, when the objective bounds them
+    publicly: logistic ``|g| <= 1`` (+ the sigmoid's error), ``0 <= h <= 1/4``, so a sum over at
+    most n rows is below ``2^(f + 1 + ceil(log2 n))``. None (no bound) for regression."""
+    if objective != "binary:logistic":
+        return None
+    return frac_bits + 2 + max(1, math.ceil(math.log2(max(n_rows, 2))))
+
+
+def he_slot_layout(n_rows: int, plaintext_bits: int, bound_bits: int | None) -> tuple[int, int, int]:
+    """``(ring, slot_bits, slots)`` of :class:`HEAggregator`'s packing: a slot holds the sum of n
+    shares in Z_2^ring plus the owner's sum (``ring + 1 + ceil(log2 n)`` bits) and a mask
+    STAT_BITS wider; the narrowed ring ``bound_bits`` is used only where it buys more slots."""
+    log_n = max(1, math.ceil(math.log2(max(n_rows, 2))))
+
+    def slot_bits(ring: int) -> int:
+        return ring + 1 + log_n + STAT_BITS + 1
+
+    ring = 64
+    if bound_bits is not None and 2 <= bound_bits <= 61:
+        if (plaintext_bits - 1) // slot_bits(bound_bits) > (plaintext_bits - 1) // slot_bits(64):
+            ring = bound_bits
+    return ring, slot_bits(ring), max(1, (plaintext_bits - 1) // slot_bits(ring))
 
 
 class OneHotSums:
@@ -238,24 +272,11 @@ class HEAggregator(_Aggregator):
     """
 
     def _setup(self) -> None:
-        my_keys, peer_pk, n_rows = self.my_keys, self.peer_pk, self.n
         self.calls = 0
-        log_n = max(1, math.ceil(math.log2(max(n_rows, 2))))
-        pk = peer_pk if self.mpc.party == self.holder else my_keys.public
-        # narrowed ring Z_2^k (see module docstring): only where it buys more slots
-        k = self.bound_bits
-        self.ring = 64
-        if k is not None and 2 <= k <= 61:
-            narrow_slot = k + log_n + 1 + STAT_BITS + 1
-            if (int(pk.plaintext_bits) - 1) // narrow_slot > (int(pk.plaintext_bits) - 1) // (
-                65 + log_n + STAT_BITS + 1
-            ):
-                self.ring = k
-        # slot layout: n shares (< 2^ring each) + owner's sum (< 2^ring): < 2^(ring + log n + 1);
-        # + a mask STAT_BITS wider
-        self.sum_bits = self.ring + 1 + log_n
-        self.slot_bits = self.sum_bits + STAT_BITS + 1
-        self.slots = max(1, (int(pk.plaintext_bits) - 1) // self.slot_bits)
+        pk = self.peer_pk if self.mpc.party == self.holder else self.my_keys.public
+        # narrowed ring Z_2^k where a public bound allows it (see module docstring)
+        layout = he_slot_layout(self.n, int(pk.plaintext_bits), self.bound_bits)
+        self.ring, self.slot_bits, self.slots = layout
         self._ring_mask = np.uint64((1 << self.ring) - 1) if self.ring < 64 else np.uint64(2**64 - 1)
 
     def new_tree(self, columns: int, stage: str) -> None:

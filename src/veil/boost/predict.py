@@ -96,7 +96,7 @@ def _secure_predict_margin(
             break
         # I_0 * I_1: a product of two privately held bits, one OT per element dealer-free
         # (a Beaver product would cost 128)
-        leaf = AShare(mpc._private_bit_product(np.ascontiguousarray(blk)), party, 0)
+        leaf = AShare(mpc.private_bit_product(blk), party, 0)
         m = (
             mpc.bits_matvec(leaf, ws)
             if w.size

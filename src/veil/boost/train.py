@@ -37,7 +37,7 @@ import numpy.typing as npt
 
 from veil.boost.binning import QuantileBinner
 from veil.boost.errors import BoostConfigError, BoostProtocolError
-from veil.boost.histogram import HEAggregator, SSAggregator, _Timed, level_sums
+from veil.boost.histogram import HEAggregator, SSAggregator, _Timed, level_sums, sum_bound_bits
 from veil.boost.messages import BOOST_PROTOCOL_VERSION, EarlyStop, Hello, HelloAck, TreeDone
 from veil.boost.model import PartyModel, PartyTree
 from veil.boost.params import BoostParams
@@ -317,11 +317,8 @@ class _Trainer:
 
     def _build_aggs(self, tbins: I32, tree: int) -> list[Any]:
         cls = SSAggregator if self.p.algorithm == "ss-agg" else HEAggregator
-        # he-agg may aggregate in a narrower ring when every bucket sum has a public bound:
-        # logistic |g| <= 1 (+ sigmoid error), 0 <= h <= 1/4, so |sum over n rows| < 2^(f + 1 + log2 n)
-        bound = None
-        if self.p.objective == "binary:logistic":
-            bound = self.fxp.frac_bits + 2 + max(1, math.ceil(math.log2(max(self.n, 2))))
+        # he-agg aggregates in a narrower ring when every bucket sum has a public bound
+        bound = sum_bound_bits(self.p.objective, self.fxp.frac_bits, self.n)
         return [
             cls(
                 self.mpc,
@@ -599,7 +596,7 @@ def _secure_train(
         if vbins is not None and vmargin is not None and params.early_stopping_rounds:
             lb = {node: child_left_bits(vbins, s, params.max_bin) for node, s in splits.items()}
             own = leaf_indicator(lb, vbins.shape[0], depth).astype(np.uint64)
-            leaf = AShare(mpc._private_bit_product(np.ascontiguousarray(own)), party, 0)
+            leaf = AShare(mpc.private_bit_product(own), party, 0)
             vmargin = vmargin + mpc.bits_matvec(leaf, leaf_w)
             revealed = mpc.reveal(vmargin, to=0)
             if party == 0:

@@ -432,7 +432,7 @@ class MPC:
         zp = flat + np.uint64(1 << 62) if self.party == 0 else flat
         m = zp >> _S63
         # w = m0 OR m1 = m0 + m1 - m0*m1 ; the product of the two private bits with one triple
-        p = self._private_bit_product(m)
+        p = self.private_bit_product(m)
         w = m - p
         res = (zp >> shifts) - (w << (np.uint64(64) - shifts))
         if self.party == 0:
@@ -444,7 +444,7 @@ class MPC:
             pos += x.size
         return out
 
-    def _private_bit_product(self, mine: U64) -> U64:
+    def private_bit_product(self, mine: U64) -> U64:
         """Shares of ``m0 * m1`` where party i privately holds the bit ``m_i``: the triple
         source's ``bit_product`` (one OT per element, dealer-free) if it has one, else a Beaver
         triple."""
@@ -537,7 +537,7 @@ class MPC:
         bit = carry ^ top
         if self.party == 0:
             bit ^= _ONE
-        p = self._private_bit_product(bit)
+        p = self.private_bit_product(bit)
         res = bit - (p << _ONE)  # b0 + b1 - 2 b0 b1
         self.counters["ltz"] += n
         return self._bit(res.reshape(x.shape))
@@ -709,7 +709,7 @@ class MPC:
         s = AShare.from_public(np.full(shape, base, np.uint64), self.party, f)
         if n_j:
             flat = ge.astype(np.uint64).ravel()
-            prod = self._private_bit_product(flat)
+            prod = self.private_bit_product(flat)
             arith = (flat - (prod << _ONE)).reshape(ge.shape)
             acc = (arith * weights[:, None]).sum(axis=0, dtype=np.uint64)
             s = s - AShare(acc.reshape(shape), self.party, f)
