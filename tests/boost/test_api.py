@@ -66,10 +66,10 @@ def test_classifier_predict_shapes_and_errors(tmp_path, cancer):
         SecureXGBClassifier("active", None).predict(xte)  # type: ignore[arg-type]
 
 
-def test_auto_algorithm_follows_trust():
+def test_auto_algorithm_is_ss_agg_with_either_triple_source():
     from veil.boost.api import resolve_algorithm
 
-    assert resolve_algorithm("auto", "homomorphic") == "he-agg"
+    assert resolve_algorithm("auto", "homomorphic") == "ss-agg"  # dealer-free one-hot product
     s0, _ = LocalDealer.pair()
     assert resolve_algorithm("auto", s0) == "ss-agg"
     assert resolve_algorithm("ss-agg", "homomorphic") == "ss-agg"

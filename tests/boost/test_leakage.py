@@ -147,3 +147,73 @@ def test_he_agg_feature_owner_only_sees_peer_ciphertexts():
             assert len(CiphertextArray.from_bytes(peer_pk, m.data)) == m.count
         u64, _ = _arrays(rec)
         assert _near_zero_fraction(u64) < 3 * 2.0**-11 + 1e-3
+
+
+def _dealer_free_recorded(ch, role, x, y, params):
+    """One party of a dealer-free run with the triple source on the recorded channel, so the OT
+    extension and one-hot product messages are recorded too."""
+    from tests.boost.helpers import Recorder
+
+    from veil.boost.api import make_triple_source
+    from veil.boost.train import secure_train
+
+    rec = Recorder(ch)
+    src = make_triple_source("homomorphic", rec, 0 if role == "active" else 1, arith="ot")
+    try:
+        res = secure_train(rec, role, x, y, params, src)
+    finally:
+        src.close()
+    return res, rec.received
+
+
+def _ot_arrays(received):
+    """Arrays of the OT-extension messages (OT columns, GGM corrections, one-hot corrections)."""
+    from veil.crypto.triples_ot import OtMsg
+
+    u64, u8 = [], []
+    for m in received:
+        if isinstance(m, OtMsg):
+            for a in m.arrays:
+                (u64 if a.dtype == np.uint64 else u8).append(a.ravel())
+    return np.concatenate(u64), np.concatenate(u8)
+
+
+@pytest.mark.slow
+def test_dealer_free_ss_agg_messages_look_uniform_and_data_independent():
+    """Dealer-free ss-agg (bucket sums by the one-hot product over OT): every ring element either
+    party receives, OT-extension and one-hot corrections included, looks uniform, and two runs
+    on different data are indistinguishable."""
+    from sklearn.datasets import make_classification
+
+    from veil.crypto.triples_he import HtMsg
+
+    params = BoostParams(n_estimators=2, max_depth=2, max_bin=8, algorithm="ss-agg")
+    tops = []
+    for seed in (3, 4):
+        x, y = make_classification(n_samples=160, n_features=6, random_state=seed)
+        (ra, rec_a), (rb, rec_b) = run_parties(
+            _dealer_free_recorded,
+            _dealer_free_recorded,
+            timeout=300,
+            args_a=("active", x[:, :3], y.astype(float), params),
+            args_b=("passive", x[:, 3:], None, params),
+        )
+        weights = set()
+        for ta, tb in zip(ra.model.trees, rb.model.trees, strict=True):
+            weights |= set((ta.leaf_shares + tb.leaf_shares).tolist())
+        for rec in (rec_a, rec_b):
+            from veil.crypto.triples_ot import OtMsg
+
+            rest = [m for m in rec if not isinstance(m, (OtMsg, HtMsg))]
+            u64, _ = _arrays(rest)
+            o64, o8 = _ot_arrays(rec)
+            allv = np.concatenate([u64, o64])
+            assert o64.size > 10_000
+            assert _near_zero_fraction(allv) < 3 * 2.0**-11 + 1e-3
+            assert abs(float((o64 >> np.uint64(63)).mean()) - 0.5) < 0.01
+            assert abs(float(np.unpackbits(o8).mean()) - 0.5) < 0.01
+            assert not (set(allv.tolist()) & weights)
+            tops.append(np.bincount((allv >> np.uint64(56)).astype(np.int64), minlength=256))
+    for i in (0, 1):  # the same party in the two runs
+        _, p, _, _ = chi2_contingency(np.stack([tops[i], tops[i + 2]]))
+        assert p > 1e-4, p

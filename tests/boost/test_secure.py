@@ -130,14 +130,16 @@ def _dealer_free_party(ch, role, x, y, params, x_test):
 
 
 @pytest.mark.slow
-def test_dealer_free_training_and_prediction_match_the_dealer_model(cancer):
-    """The CLI default (he-agg with dealer-free triples: OU + OT extension) end to end: the model
+@pytest.mark.parametrize("algorithm", ["he-agg", "ss-agg"])
+def test_dealer_free_training_and_prediction_match_the_dealer_model(cancer, algorithm):
+    """Dealer-free triples (OU + OT extension) end to end, both algorithms (he-agg: the CLI
+    default; ss-agg: bucket sums by the one-hot product over OT, veil.crypto.onehot): the model
     computes the same function as a dealer-trained one up to fixed-point rounding, and the
     dealer-free prediction (private leaf-indicator product by one OT per element) equals the
     plaintext evaluation of the reconstructed model."""
     xtr, xte, ytr, _ = cancer
     xtr, ytr = xtr[:200], ytr[:200]
-    params = BoostParams(n_estimators=2, max_depth=2, max_bin=8, algorithm="he-agg")
+    params = BoostParams(n_estimators=2, max_depth=2, max_bin=8, algorithm=algorithm)
     (ra, ma, _), (rb, mb, _) = run_parties(
         _dealer_free_party,
         _dealer_free_party,

@@ -66,12 +66,13 @@ def align_rows(channel: Channel, ids: Sequence[Any], role: str) -> list[int]:
 
 
 def resolve_algorithm(algorithm: str, triples: str | TripleSource) -> str:
-    """``auto``: ``he-agg`` with dealer-free triples (``ss-agg``'s masked bucket-matrix correlation
-    is infeasible without a dealer), ``ss-agg`` with a trusted dealer."""
+    """``auto``: ``ss-agg``, the faster algorithm with either triple source (measured at 50k rows,
+    10 trees: 38 s with the dealer; dealer-free, with bucket sums by the one-hot product over OT,
+    ~150 s against he-agg's ~860 s). ``triples`` is kept for callers that pass it."""
+    del triples
     if algorithm != "auto":
         return algorithm
-    trust = triples if isinstance(triples, str) else str(getattr(triples, "trust", ""))
-    return "he-agg" if trust.startswith("homomorphic") else "ss-agg"
+    return "ss-agg"
 
 
 class _SecureXGBBase:

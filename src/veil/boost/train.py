@@ -37,7 +37,14 @@ import numpy.typing as npt
 
 from veil.boost.binning import QuantileBinner
 from veil.boost.errors import BoostConfigError, BoostProtocolError
-from veil.boost.histogram import HEAggregator, SSAggregator, _Timed, level_sums, sum_bound_bits
+from veil.boost.histogram import (
+    HEAggregator,
+    SSAggregator,
+    _Timed,
+    build_onehot_aggs,
+    level_sums,
+    sum_bound_bits,
+)
 from veil.boost.messages import BOOST_PROTOCOL_VERSION, EarlyStop, Hello, HelloAck, TreeDone
 from veil.boost.model import PartyModel, PartyTree
 from veil.boost.params import BoostParams
@@ -316,6 +323,11 @@ class _Trainer:
         return aggs
 
     def _build_aggs(self, tbins: I32, tree: int) -> list[Any]:
+        if self.p.algorithm == "ss-agg" and getattr(self.mpc.triples, "trust", None) == "homomorphic":
+            # dealer-free ss-agg: one-hot product by punctured PRFs over OT (veil.crypto.onehot)
+            return build_onehot_aggs(
+                self.mpc, self.party, tbins, self.n, self.n_feats, self.nb, f"t{tree}/agg", self.timing
+            )
         cls = SSAggregator if self.p.algorithm == "ss-agg" else HEAggregator
         # he-agg aggregates in a narrower ring when every bucket sum has a public bound
         bound = sum_bound_bits(self.p.objective, self.fxp.frac_bits, self.n)

@@ -155,7 +155,7 @@ def train(
         ..., "--peer-fingerprint", help="The peer's certificate fingerprint."
     ),
     algorithm: str = typer.Option(
-        "auto", "--algorithm", help="he-agg, ss-agg, or auto (he-agg dealer-free, ss-agg with a dealer)."
+        "auto", "--algorithm", help="ss-agg, he-agg, or auto (ss-agg, the faster with either triple source)."
     ),
     triples: str = typer.Option("homomorphic", "--triples", help="homomorphic (dealer-free) or dealer."),
     dealer: str = typer.Option(None, "--dealer", help="Trusted dealer HOST:PORT (with --triples dealer)."),

@@ -222,6 +222,10 @@ class HomomorphicTriples:
         a, b, c = self._gen_beaver(n)
         return a.reshape(shp), b.reshape(shp), c.reshape(shp)
 
+    def ot_engine(self) -> Any:
+        """The OT-extension engine between the two parties (created, with its base OTs, at first use)."""
+        return self._ot_engine()
+
     def _ot_engine(self) -> Any:
         if self._ot is None:
             from veil.crypto.triples_ot import OTExtension

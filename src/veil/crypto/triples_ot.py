@@ -226,7 +226,13 @@ class OTExtension:
         self._setup()
 
     # ---- messaging
-    def _exchange(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def exchange(self, arrays: Sequence[np.ndarray], *, same_shape: bool = True) -> list[np.ndarray]:
+        """Send ``arrays`` and receive the peer's in the same step (both parties call it at the same
+        point; numbered, so a step out of order is an error). ``same_shape``: the peer's arrays must
+        have my shapes and dtypes; otherwise only their number is checked (callers check shapes)."""
+        return self._exchange(arrays, same_shape=same_shape)
+
+    def _exchange(self, arrays: Sequence[np.ndarray], *, same_shape: bool = True) -> list[np.ndarray]:
         with self._lock:
             seq = self._seq
             self._seq += 1
@@ -235,7 +241,9 @@ class OTExtension:
         if msg.seq != seq or len(msg.arrays) != len(arrays):
             raise ProtocolError(f"OT extension out of step (got {msg.seq}, expected {seq})")
         for mine, theirs in zip(arrays, msg.arrays, strict=True):
-            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+            if not isinstance(theirs, np.ndarray):
+                raise ProtocolError("OT extension: peer sent a non-array")
+            if same_shape and (mine.shape != theirs.shape or mine.dtype != theirs.dtype):
                 raise ProtocolError("OT extension: peer array has the wrong shape")
         return list(msg.arrays)
 

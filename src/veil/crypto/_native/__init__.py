@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from veil.crypto.mpc_ring import U8
+from veil.crypto.mpc_ring import U8, U64
 
 __all__ = ["ABI_VERSION", "OtKernel", "cache_dir", "load"]
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 SOURCE = Path(__file__).with_name("otkernel.c")
 CFLAGS = ("-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-std=gnu99")
 _X86 = {"x86_64", "amd64", "i386", "i486", "i586", "i686", "x86"}
@@ -62,6 +62,10 @@ class OtKernel:
         lib.veil_ot_finish.restype = None
         lib.veil_ot_ctr256.argtypes = [_vp, _sz, ctypes.c_uint64, _sz, _vp]
         lib.veil_ot_ctr256.restype = None
+        lib.veil_oh_send.argtypes = [_vp, _vp, _sz, _sz, _sz, _sz, ctypes.c_uint64, _vp, _vp, _vp, _vp]
+        lib.veil_oh_send.restype = None
+        lib.veil_oh_recv.argtypes = [_vp, _vp, _vp, _sz, _sz, _sz, _sz, ctypes.c_uint64, _vp, _vp, _vp, _vp]
+        lib.veil_oh_recv.restype = None
 
     def transpose(self, cols: U8, m: int) -> U8:
         """(128, m/8) column bit-matrix -> (m, 16) rows (``m % 8 == 0``, checked by the caller)."""
@@ -110,6 +114,45 @@ class OtKernel:
         self._lib.veil_ot_finish(_ptr(t), _ptr(q), _ptr(u), _ptr(s), nbytes, start % (1 << 64), _ptr(k),
                                  _ptr(m0), _ptr(m1), _ptr(mc))
         return m0, m1, mc
+
+
+    def onehot_send(self, leaves: U8, x: U64, tweak: int, key: bytes) -> tuple[U64, U64]:
+        """Sender step of :mod:`veil.crypto.onehot`: ``leaves`` (n, F, L, 16), ``x`` (n, c) ->
+        ``(d (n, F, c), acc (F, L, c))``."""
+        lv = np.ascontiguousarray(leaves, dtype=np.uint8)
+        xs = np.ascontiguousarray(x, dtype=np.uint64)
+        if lv.ndim != 4 or lv.shape[3] != 16 or xs.ndim != 2 or xs.shape[0] != lv.shape[0] or len(key) != 16:
+            raise ValueError("OtKernel.onehot_send: leaves (n, F, L, 16), x (n, c), key 16 bytes")
+        n, f, nl, _ = lv.shape
+        c = xs.shape[1]
+        d = np.empty((n, f, c), dtype=np.uint64)
+        acc = np.zeros((f, nl, c), dtype=np.uint64)
+        buf = np.empty(max(1, nl * 2 * ((c + 1) // 2)), dtype=np.uint64)
+        k = np.frombuffer(key, dtype=np.uint8)
+        self._lib.veil_oh_send(_ptr(lv), _ptr(xs), n, f, nl, c, tweak % (1 << 64), _ptr(k), _ptr(d),
+                               _ptr(acc), _ptr(buf))
+        return d, acc
+
+    def onehot_recv(self, leaves: U8, bins: np.ndarray, d: U64, tweak: int, key: bytes) -> U64:
+        """Receiver step: ``leaves`` (n, F, L, 16), ``bins`` (n, F) in [0, L), ``d`` (n, F, c) ->
+        ``acc (F, L, c)``."""
+        lv = np.ascontiguousarray(leaves, dtype=np.uint8)
+        b = np.ascontiguousarray(bins, dtype=np.int32)
+        dd = np.ascontiguousarray(d, dtype=np.uint64)
+        if (lv.ndim != 4 or lv.shape[3] != 16 or b.shape != lv.shape[:2] or dd.ndim != 3
+                or dd.shape[:2] != lv.shape[:2] or len(key) != 16):
+            raise ValueError("OtKernel.onehot_recv: leaves (n, F, L, 16), bins (n, F), d (n, F, c)")
+        n, f, nl, _ = lv.shape
+        c = dd.shape[2]
+        if b.size and (int(b.min()) < 0 or int(b.max()) >= nl):
+            raise ValueError("OtKernel.onehot_recv: bin index out of range")
+        acc = np.zeros((f, nl, c), dtype=np.uint64)
+        buf = np.empty(max(1, nl * 2 * ((c + 1) // 2)), dtype=np.uint64)
+        r = np.empty(max(1, c), dtype=np.uint64)
+        k = np.frombuffer(key, dtype=np.uint8)
+        self._lib.veil_oh_recv(_ptr(lv), _ptr(b), _ptr(dd), n, f, nl, c, tweak % (1 << 64), _ptr(k),
+                               _ptr(acc), _ptr(buf), _ptr(r))
+        return acc
 
 
 def cache_dir() -> Path:

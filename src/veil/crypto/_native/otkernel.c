@@ -14,6 +14,11 @@
  * - veil_ot_finish: the end of one extension call in one pass over 512-OT blocks (cache-resident):
  *   q = G(k^s) ^ (s & u) (column-wise), mc = H(T), m0 = H(Q), m1 = H(Q ^ s).
  *
+ * - veil_oh_send / veil_oh_recv: the online step of the dealer-free one-hot product
+ *   (veil.crypto.onehot): PRF(leaf, T, k) = pi(leaf ^ (k, T)) ^ leaf ^ (k, T) (MMO, pi = fixed-key
+ *   AES-128; lo 8 bytes k, hi 8 bytes T), summed per (feature, leaf) over rows; the receiver's
+ *   punctured leaf is masked out and replaced by the peer's correction without a branch.
+ *
  * No secret-dependent branches or memory indices: s only selects through an all-ones/zero mask.
  * Only functions marked VEIL_TGT use AES-NI / SSE4.1; the Python loader calls veil_ot_cpu_ok()
  * (cpuid, baseline code) first and never calls them on a CPU without those features.
@@ -32,7 +37,7 @@
 #define VEIL_TGT __attribute__((target("aes,sse4.1")))
 #define VEIL_API __attribute__((visibility("default")))
 
-VEIL_API int veil_ot_abi_version(void) { return 2; }
+VEIL_API int veil_ot_abi_version(void) { return 3; }
 
 VEIL_API int veil_ot_cpu_ok(void) {
     unsigned int a, b, c, d;
@@ -284,5 +289,94 @@ VEIL_API VEIL_TGT void veil_ot_finish(const uint8_t *t_cols, const uint8_t *q_co
         veil_tccr_rows(mc + 16 * r0, mc + 16 * r0, nr, start + r0, rk);
         veil_tccr_rows(m0 + 16 * r0, m0 + 16 * r0, nr, start + r0, rk);
         veil_tccr_rows(m1 + 16 * r0, m1 + 16 * r0, nr, start + r0, rk);
+    }
+}
+
+/* ---------------------------------------------------------------- one-hot product (punctured PRF) */
+
+/* buf[2 (l nb + k) + {0,1}] = PRF(leaf l, tweak, block k) for the nl leaves (16 bytes each) of one
+ * (row, feature) group, nb blocks per leaf; 8 blocks in flight */
+VEIL_TGT static void veil_oh_prf(const uint8_t *leaves, size_t nl, size_t nb, uint64_t tweak,
+                                 const __m128i rk[11], uint64_t *buf) {
+    __m128i b[8], y[8];
+    size_t idx[8];
+    int m = 0;
+    for (size_t l = 0; l < nl; l++) {
+        __m128i leaf = _mm_loadu_si128((const __m128i *)(leaves + 16 * l));
+        for (size_t k = 0; k < nb; k++) {
+            y[m] = _mm_xor_si128(leaf, _mm_set_epi64x((long long)tweak, (long long)k));
+            b[m] = y[m];
+            idx[m] = l * nb + k;
+            if (++m == 8) {
+                veil_aes_n(b, 8, rk);
+                for (int q = 0; q < 8; q++) _mm_storeu_si128((__m128i *)(buf + 2 * idx[q]), _mm_xor_si128(b[q], y[q]));
+                m = 0;
+            }
+        }
+    }
+    if (m) {
+        veil_aes_n(b, m, rk);
+        for (int q = 0; q < m; q++) _mm_storeu_si128((__m128i *)(buf + 2 * idx[q]), _mm_xor_si128(b[q], y[q]));
+    }
+}
+
+/* Sender (non-owner): leaves (n, F, nl, 16), x (n, c) its share. d (n, F, c) = x_i + sum_l PRF_ijl;
+ * acc (F, nl, c) -= PRF_ijl summed over rows (acc is added to, the caller zeroes it).
+ * buf: nl * nb * 2 uint64 scratch, nb = ceil(c / 2). */
+VEIL_API VEIL_TGT void veil_oh_send(const uint8_t *leaves, const uint64_t *x, size_t n, size_t F, size_t nl,
+                                    size_t c, uint64_t tweak, const uint8_t key[16], uint64_t *d,
+                                    uint64_t *acc, uint64_t *buf) {
+    __m128i rk[11];
+    veil_aes128_schedule(key, rk);
+    size_t nb = (c + 1) / 2;
+    for (size_t i = 0; i < n; i++) {
+        for (size_t j = 0; j < F; j++) {
+            veil_oh_prf(leaves + 16 * nl * (i * F + j), nl, nb, tweak, rk, buf);
+            uint64_t *dd = d + c * (i * F + j);
+            for (size_t q = 0; q < c; q++) dd[q] = x[i * c + q];
+            for (size_t l = 0; l < nl; l++) {
+                const uint64_t *v = buf + 2 * nb * l;
+                uint64_t *a = acc + c * (j * nl + l);
+                for (size_t q = 0; q < c; q++) {
+                    a[q] -= v[q];
+                    dd[q] += v[q];
+                }
+            }
+        }
+    }
+}
+
+/* Receiver (owner): leaves (n, F, nl, 16) with the leaf at b[i, j] unknown (any content),
+ * b (n, F) int32 in [0, nl), d (n, F, c) the peer's corrections. acc (F, nl, c) += PRF_ijl for
+ * l != b_ij and += d_ij - sum_{l != b_ij} PRF_ijl at l = b_ij. b selects through masks only. */
+VEIL_API VEIL_TGT void veil_oh_recv(const uint8_t *leaves, const int32_t *b, const uint64_t *d, size_t n,
+                                    size_t F, size_t nl, size_t c, uint64_t tweak, const uint8_t key[16],
+                                    uint64_t *acc, uint64_t *buf, uint64_t *r) {
+    __m128i rk[11];
+    veil_aes128_schedule(key, rk);
+    size_t nb = (c + 1) / 2;
+    for (size_t i = 0; i < n; i++) {
+        for (size_t j = 0; j < F; j++) {
+            veil_oh_prf(leaves + 16 * nl * (i * F + j), nl, nb, tweak, rk, buf);
+            uint64_t bb = (uint64_t)(uint32_t)b[i * F + j];
+            const uint64_t *dd = d + c * (i * F + j);
+            for (size_t q = 0; q < c; q++) r[q] = 0;
+            for (size_t l = 0; l < nl; l++) {
+                uint64_t diff = (uint64_t)l ^ bb;
+                uint64_t keep = (uint64_t)0 - ((diff | ((uint64_t)0 - diff)) >> 63); /* ones iff l != b */
+                uint64_t *v = buf + 2 * nb * l;
+                for (size_t q = 0; q < c; q++) {
+                    v[q] &= keep;
+                    r[q] += v[q];
+                }
+            }
+            for (size_t l = 0; l < nl; l++) {
+                uint64_t diff = (uint64_t)l ^ bb;
+                uint64_t here = ((diff | ((uint64_t)0 - diff)) >> 63) - (uint64_t)1; /* ones iff l == b */
+                const uint64_t *v = buf + 2 * nb * l;
+                uint64_t *a = acc + c * (j * nl + l);
+                for (size_t q = 0; q < c; q++) a[q] += v[q] + ((dd[q] - r[q]) & here);
+            }
+        }
     }
 }
