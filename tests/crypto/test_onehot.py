@@ -47,6 +47,13 @@ def test_punctured_tree_has_every_leaf_but_alpha(depth: int) -> None:
     bad = got.copy()
     bad[:, 0] ^= 1
     assert not np.array_equal(O.ggm_punctured(alpha, bad, depth), punct)
+    if native is not None:  # the native set-up is byte-identical, also when keeping fewer leaves
+        for keep in (n_leaves, max(1, n_leaves - 3)):
+            lv, sm = native.ggm_expand(roots, depth, keep, O._KEY)
+            np.testing.assert_array_equal(lv, leaves[:, :keep])
+            np.testing.assert_array_equal(sm, sums)
+            got_native = native.ggm_punctured(alpha, got, depth, keep, O._KEY)
+            np.testing.assert_array_equal(got_native, punct[:, :keep])
 
 
 def _role(p: int, bins: list[np.ndarray], n_bins: int, shares: list[list[np.ndarray]],

@@ -1,11 +1,13 @@
 """Secret-shared bucket sums ("histograms") of shared vectors over one party's private bins.
 
-Both aggregators compute, for the feature owner ``holder`` with plaintext bin indices
+All aggregators compute, for the feature owner ``holder`` with plaintext bin indices
 ``bins`` (n, F) and a secret-shared matrix ``V`` (n, c), shares of ``M^T V`` where ``M`` is the
 owner's one-hot bucket matrix (n, F * n_bins), feature-major. Neither party learns ``V``;
 the non-owner learns nothing about ``bins``.
 
-* :class:`SSAggregator` (``ss-agg``): correlated randomness with a mask ``A`` for ``M``. The
+* :class:`OneHotAggregator` (``ss-agg`` without a dealer): the one-hot product of
+  :mod:`veil.crypto.onehot` (punctured PRFs set up once by OT; one masked message per level).
+* :class:`SSAggregator` (``ss-agg`` with a dealer): correlated randomness with a mask ``A`` for ``M``. The
   owner sends ``E = M - A`` once per tree (uniform); for each batch the non-owner sends
   ``F = V_other - B`` (uniform); owner: ``M^T (V_own + F) + C_own`` (sparse bucket sums),
   non-owner: ``E^T B + C_other`` (dense, independent of the data). ``C = A^T B``.

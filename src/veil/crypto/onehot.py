@@ -216,14 +216,23 @@ def _self_test(k: Any) -> bool:
     x = data[3 * 2 * 5 * 16 :].view("<u8").reshape(3, 2 * 3)[:, :3].astype(np.uint64)  # c = 3 (odd)
     bins = np.array([[0, 4], [2, 1], [4, 3]], dtype=np.int32)
     tweak = (1 << 40) + 7
+    roots = data[:48].reshape(3, 16)
     try:
+        lv_ref, sums_ref = ggm_expand(roots, 3)
+        lv, sums = k.ggm_expand(roots, 3, 5, _KEY)
+        alpha = np.array([0, 4, 2], dtype=np.int64)
+        off = 1 - ((alpha[:, None] >> np.arange(2, -1, -1)) & 1)
+        got = sums_ref[np.arange(3)[:, None], np.arange(3)[None, :], off]
+        punct = k.ggm_punctured(alpha, got, 3, 5, _KEY)
+        ggm_ok = (np.array_equal(lv, lv_ref[:, :5]) and np.array_equal(sums, sums_ref)
+                  and np.array_equal(punct, ggm_punctured(alpha, got, 3)[:, :5]))
         d_ref, a_ref = prf_send(leaves, x, tweak)
         d, a = k.onehot_send(leaves, x, tweak, _KEY)
         r_ref = prf_recv(leaves, bins, d_ref, tweak)
         r = k.onehot_recv(leaves, bins, d_ref, tweak, _KEY)
     except (AttributeError, OSError, ValueError):
         return False
-    return bool(np.array_equal(d, d_ref) and np.array_equal(a, a_ref) and np.array_equal(r, r_ref))
+    return bool(ggm_ok and np.array_equal(d, d_ref) and np.array_equal(a, a_ref) and np.array_equal(r, r_ref))
 
 
 class OneHotProduct:
@@ -287,7 +296,10 @@ class OneHotProduct:
         corr = np.zeros((n_send * d, 2, 16), dtype=np.uint8)
         if n_send:
             roots = np.frombuffer(random_bytes(16 * n_send), dtype=np.uint8).reshape(n_send, 16)
-            leaves, sums = ggm_expand(roots, d)
+            if self.kernel is not None:
+                leaves, sums = self.kernel.ggm_expand(roots, d, self.nl, _KEY)
+            else:
+                leaves, sums = ggm_expand(roots, d)
             flat = sums.reshape(n_send * d, 2, 16)
             corr[: n_send * d, 0] = flat[:, 0] ^ m0[: n_send * d]
             corr[: n_send * d, 1] = flat[:, 1] ^ m1[: n_send * d]
@@ -299,7 +311,10 @@ class OneHotProduct:
         if n_recv:
             c = choices[: n_recv * d].astype(np.int64)
             got = peer[np.arange(n_recv * d), c] ^ mc[: n_recv * d]
-            leaves = ggm_punctured(alpha, got.reshape(n_recv, d, 16), d)
+            if self.kernel is not None:
+                leaves = self.kernel.ggm_punctured(alpha, got.reshape(n_recv, d, 16), d, self.nl, _KEY)
+            else:
+                leaves = ggm_punctured(alpha, got.reshape(n_recv, d, 16), d)
             self.recv_leaves[r0:r1] = leaves[:, : self.nl].reshape(nr, self.f_mine, self.nl, 16)
 
     def sums(self, x: U64) -> tuple[U64, U64]:

@@ -19,7 +19,9 @@ docs/protocols/mpc.md). ``prefetch(...)`` generates in bulk ahead of use.
 
 The masked-matrix correlation (``matrix_mask`` / ``matrix_vector_triple``) costs
 ``n * k * cols`` ciphertext products here: fine for small matrices, infeasible at boost's
-histogram sizes — use the HE path (``ss_to_he`` + ``bucket_sums`` + ``he_to_ss``) instead.
+histogram sizes. Dealer-free bucket sums use :mod:`veil.crypto.onehot` (the one-hot product over
+this source's OT engine, :meth:`HomomorphicTriples.ot_engine`) or the HE path (``ss_to_he`` +
+``bucket_sums`` + ``he_to_ss``) instead.
 """
 
 from __future__ import annotations

@@ -64,8 +64,12 @@ class OtKernel:
         lib.veil_ot_ctr256.restype = None
         lib.veil_oh_send.argtypes = [_vp, _vp, _sz, _sz, _sz, _sz, ctypes.c_uint64, _vp, _vp, _vp, _vp]
         lib.veil_oh_send.restype = None
-        lib.veil_oh_recv.argtypes = [_vp, _vp, _vp, _sz, _sz, _sz, _sz, ctypes.c_uint64, _vp, _vp, _vp, _vp]
+        lib.veil_oh_recv.argtypes = [_vp, _vp, _vp, _sz, _sz, _sz, _sz, ctypes.c_uint64, _vp, _vp, _vp]
         lib.veil_oh_recv.restype = None
+        lib.veil_ggm_expand.argtypes = [_vp, _sz, _sz, _sz, _vp, _vp, _vp, _vp]
+        lib.veil_ggm_expand.restype = None
+        lib.veil_ggm_punctured.argtypes = [_vp, _vp, _sz, _sz, _sz, _vp, _vp, _vp]
+        lib.veil_ggm_punctured.restype = None
 
     def transpose(self, cols: U8, m: int) -> U8:
         """(128, m/8) column bit-matrix -> (m, 16) rows (``m % 8 == 0``, checked by the caller)."""
@@ -126,11 +130,11 @@ class OtKernel:
         n, f, nl, _ = lv.shape
         c = xs.shape[1]
         d = np.empty((n, f, c), dtype=np.uint64)
-        acc = np.zeros((f, nl, c), dtype=np.uint64)
-        buf = np.empty(max(1, nl * 2 * ((c + 1) // 2)), dtype=np.uint64)
+        acc = np.empty((f, nl, c), dtype=np.uint64)
+        scratch = _scratch(f, nl, c)
         k = np.frombuffer(key, dtype=np.uint8)
         self._lib.veil_oh_send(_ptr(lv), _ptr(xs), n, f, nl, c, tweak % (1 << 64), _ptr(k), _ptr(d),
-                               _ptr(acc), _ptr(buf))
+                               _ptr(acc), _ptr(scratch))
         return d, acc
 
     def onehot_recv(self, leaves: U8, bins: np.ndarray, d: U64, tweak: int, key: bytes) -> U64:
@@ -146,13 +150,55 @@ class OtKernel:
         c = dd.shape[2]
         if b.size and (int(b.min()) < 0 or int(b.max()) >= nl):
             raise ValueError("OtKernel.onehot_recv: bin index out of range")
-        acc = np.zeros((f, nl, c), dtype=np.uint64)
-        buf = np.empty(max(1, nl * 2 * ((c + 1) // 2)), dtype=np.uint64)
-        r = np.empty(max(1, c), dtype=np.uint64)
+        acc = np.empty((f, nl, c), dtype=np.uint64)
+        scratch = _scratch(f, nl, c)
         k = np.frombuffer(key, dtype=np.uint8)
         self._lib.veil_oh_recv(_ptr(lv), _ptr(b), _ptr(dd), n, f, nl, c, tweak % (1 << 64), _ptr(k),
-                               _ptr(acc), _ptr(buf), _ptr(r))
+                               _ptr(acc), _ptr(scratch))
         return acc
+
+
+    def ggm_expand(self, roots: U8, depth: int, keep: int, key: bytes) -> tuple[U8, U8]:
+        """GGM set-up, sender: (m, 16) roots -> (leaves (m, keep, 16), sums (m, depth, 2, 16))."""
+        r = np.ascontiguousarray(roots, dtype=np.uint8)
+        if (r.ndim != 2 or r.shape[1] != 16 or not 1 <= depth <= 20 or not 0 <= keep <= 1 << depth
+                or len(key) != 16):
+            raise ValueError("OtKernel.ggm_expand: roots (m, 16), 1 <= depth <= 20, keep <= 2^depth")
+        m = r.shape[0]
+        leaves = np.empty((m, keep, 16), dtype=np.uint8)
+        sums = np.empty((m, depth, 2, 16), dtype=np.uint8)
+        scratch = _aligned(2 * (2 << depth))
+        k = np.frombuffer(key, dtype=np.uint8)
+        self._lib.veil_ggm_expand(_ptr(r), m, depth, keep, _ptr(k), _ptr(leaves), _ptr(sums), _ptr(scratch))
+        return leaves, sums
+
+    def ggm_punctured(self, alpha: np.ndarray, got: U8, depth: int, keep: int, key: bytes) -> U8:
+        """GGM set-up, owner: every leaf but ``alpha`` (m,) from ``got`` (m, depth, 16): (m, keep, 16)."""
+        a = np.ascontiguousarray(alpha, dtype=np.int32)
+        g = np.ascontiguousarray(got, dtype=np.uint8)
+        if (a.ndim != 1 or g.shape != (a.shape[0], depth, 16) or not 1 <= depth <= 20
+                or not 0 <= keep <= 1 << depth or len(key) != 16):
+            raise ValueError("OtKernel.ggm_punctured: alpha (m,), got (m, depth, 16), keep <= 2^depth")
+        if a.size and (int(a.min()) < 0 or int(a.max()) >= 1 << depth):
+            raise ValueError("OtKernel.ggm_punctured: alpha out of range")
+        leaves = np.empty((a.shape[0], keep, 16), dtype=np.uint8)
+        scratch = _aligned(2 * (2 << depth))
+        k = np.frombuffer(key, dtype=np.uint8)
+        self._lib.veil_ggm_punctured(_ptr(a), _ptr(g), a.shape[0], depth, keep, _ptr(k), _ptr(leaves),
+                                     _ptr(scratch))
+        return leaves
+
+
+def _aligned(words: int) -> U64:
+    """``words`` uint64 (at least 2), 16-byte aligned."""
+    raw = np.empty(max(2, words) + 2, dtype=np.uint64)
+    off = (-raw.ctypes.data % 16) // 8
+    return raw[off : off + max(2, words)]
+
+
+def _scratch(f: int, nl: int, c: int) -> U64:
+    """16-byte aligned scratch of (f * nl + f) * ceil(c / 2) vectors for the one-hot kernel."""
+    return _aligned(2 * max(1, (f * nl + f) * ((c + 1) // 2)))
 
 
 def cache_dir() -> Path:

@@ -294,89 +294,237 @@ VEIL_API VEIL_TGT void veil_ot_finish(const uint8_t *t_cols, const uint8_t *q_co
 
 /* ---------------------------------------------------------------- one-hot product (punctured PRF) */
 
-/* buf[2 (l nb + k) + {0,1}] = PRF(leaf l, tweak, block k) for the nl leaves (16 bytes each) of one
- * (row, feature) group, nb blocks per leaf; 8 blocks in flight */
-VEIL_TGT static void veil_oh_prf(const uint8_t *leaves, size_t nl, size_t nb, uint64_t tweak,
-                                 const __m128i rk[11], uint64_t *buf) {
-    __m128i b[8], y[8];
-    size_t idx[8];
-    int m = 0;
-    for (size_t l = 0; l < nl; l++) {
-        __m128i leaf = _mm_loadu_si128((const __m128i *)(leaves + 16 * l));
-        for (size_t k = 0; k < nb; k++) {
-            y[m] = _mm_xor_si128(leaf, _mm_set_epi64x((long long)tweak, (long long)k));
-            b[m] = y[m];
-            idx[m] = l * nb + k;
-            if (++m == 8) {
-                veil_aes_n(b, 8, rk);
-                for (int q = 0; q < 8; q++) _mm_storeu_si128((__m128i *)(buf + 2 * idx[q]), _mm_xor_si128(b[q], y[q]));
-                m = 0;
+/* One pass over all (row, feature, leaf, block) PRF evaluations, 8 AES blocks in flight, each
+ * 16-byte output (two ring elements) added to its bucket accumulator and to its (row, feature)
+ * sum as one 128-bit vector. recv selects the role (public). Scratch: acc (F, nl, nb) and
+ * sum (F, nb) vectors, nb = ceil(c / 2); for odd c the upper lane of the last block is unused. */
+typedef struct {
+    int recv;
+    const uint8_t *leaves;
+    const int32_t *b;
+    const uint64_t *x;
+    uint64_t *d;
+    size_t n, F, nl, c, nb;
+    uint64_t tweak;
+    __m128i rk[11];
+    __m128i *acc; /* (F, nl, nb) */
+    __m128i *sum; /* (F, nb) */
+} veil_oh_ctx;
+
+VEIL_TGT static inline void veil_oh_flush(veil_oh_ctx *cx, __m128i *bl, const __m128i *y, const size_t *ai,
+                                          const size_t *si, const __m128i *keep, int m) {
+    if (m == 8)
+        veil_aes_n(bl, 8, cx->rk);
+    else
+        veil_aes_n(bl, m, cx->rk);
+    for (int q = 0; q < m; q++) {
+        __m128i out = _mm_xor_si128(bl[q], y[q]);
+        if (cx->recv) {
+            out = _mm_and_si128(out, keep[q]);
+            cx->acc[ai[q]] = _mm_add_epi64(cx->acc[ai[q]], out);
+        } else {
+            cx->acc[ai[q]] = _mm_sub_epi64(cx->acc[ai[q]], out);
+        }
+        cx->sum[si[q]] = _mm_add_epi64(cx->sum[si[q]], out);
+    }
+}
+
+static inline __m128i veil_oh_load(const uint64_t *p, size_t k, size_t c) {
+    return _mm_set_epi64x((long long)(2 * k + 1 < c ? p[2 * k + 1] : 0), (long long)p[2 * k]);
+}
+
+VEIL_TGT static void veil_oh_pass(veil_oh_ctx *cx) {
+    const size_t F = cx->F, nl = cx->nl, nb = cx->nb, c = cx->c;
+    for (size_t t = 0; t < F * nl * nb; t++) cx->acc[t] = _mm_setzero_si128();
+    __m128i bl[8], y[8], keep[8];
+    size_t ai[8], si[8];
+    const __m128i ones = _mm_set1_epi32(-1);
+    for (size_t i = 0; i < cx->n; i++) {
+        for (size_t j = 0; j < F; j++)
+            for (size_t k = 0; k < nb; k++)
+                cx->sum[j * nb + k] = cx->recv ? _mm_setzero_si128() : veil_oh_load(cx->x + i * c, k, c);
+        int m = 0;
+        for (size_t j = 0; j < F; j++) {
+            const uint8_t *lv = cx->leaves + 16 * nl * (i * F + j);
+            uint64_t bb = cx->recv ? (uint64_t)(uint32_t)cx->b[i * F + j] : ~(uint64_t)0;
+            for (size_t l = 0; l < nl; l++) {
+                __m128i leaf = _mm_loadu_si128((const __m128i *)(lv + 16 * l));
+                uint64_t diff = (uint64_t)l ^ bb;
+                uint64_t k64 = (uint64_t)0 - ((diff | ((uint64_t)0 - diff)) >> 63); /* ones iff l != b */
+                __m128i kp = _mm_set1_epi64x((long long)k64);
+                for (size_t k = 0; k < nb; k++) {
+                    y[m] = _mm_xor_si128(leaf, _mm_set_epi64x((long long)cx->tweak, (long long)k));
+                    bl[m] = y[m];
+                    ai[m] = (j * nl + l) * nb + k;
+                    si[m] = j * nb + k;
+                    keep[m] = kp;
+                    if (++m == 8) {
+                        veil_oh_flush(cx, bl, y, ai, si, keep, 8);
+                        m = 0;
+                    }
+                }
+            }
+        }
+        if (m) veil_oh_flush(cx, bl, y, ai, si, keep, m);
+        for (size_t j = 0; j < F; j++) {
+            if (!cx->recv) { /* d = x_i + sum_l PRF */
+                uint64_t *dd = cx->d + c * (i * F + j);
+                for (size_t k = 0; k < nb; k++) {
+                    uint64_t pair[2];
+                    _mm_storeu_si128((__m128i *)pair, cx->sum[j * nb + k]);
+                    dd[2 * k] = pair[0];
+                    if (2 * k + 1 < c) dd[2 * k + 1] = pair[1];
+                }
+                continue;
+            }
+            /* owner: acc[b] += d - sum_{l != b} PRF, through an all-ones mask at l = b */
+            uint64_t bb = (uint64_t)(uint32_t)cx->b[i * F + j];
+            const uint64_t *dd = cx->d + c * (i * F + j);
+            for (size_t l = 0; l < nl; l++) {
+                uint64_t diff = (uint64_t)l ^ bb;
+                uint64_t h64 = ((diff | ((uint64_t)0 - diff)) >> 63) - (uint64_t)1; /* ones iff l == b */
+                __m128i here = _mm_and_si128(_mm_set1_epi64x((long long)h64), ones);
+                for (size_t k = 0; k < nb; k++) {
+                    __m128i corr = _mm_sub_epi64(veil_oh_load(dd, k, c), cx->sum[j * nb + k]);
+                    size_t a = (j * nl + l) * nb + k;
+                    cx->acc[a] = _mm_add_epi64(cx->acc[a], _mm_and_si128(corr, here));
+                }
             }
         }
     }
-    if (m) {
-        veil_aes_n(b, m, rk);
-        for (int q = 0; q < m; q++) _mm_storeu_si128((__m128i *)(buf + 2 * idx[q]), _mm_xor_si128(b[q], y[q]));
-    }
+}
+
+/* acc (F, nl, c) uint64 from the (F, nl, nb) vectors */
+static void veil_oh_out(const veil_oh_ctx *cx, uint64_t *acc) {
+    for (size_t g = 0; g < cx->F * cx->nl; g++)
+        memcpy(acc + cx->c * g, (const uint64_t *)(cx->acc + cx->nb * g), 8 * cx->c);
 }
 
 /* Sender (non-owner): leaves (n, F, nl, 16), x (n, c) its share. d (n, F, c) = x_i + sum_l PRF_ijl;
- * acc (F, nl, c) -= PRF_ijl summed over rows (acc is added to, the caller zeroes it).
- * buf: nl * nb * 2 uint64 scratch, nb = ceil(c / 2). */
+ * acc (F, nl, c) = -sum_i PRF_ijl. scratch: F * nl * nb + F * nb 16-byte vectors (16-aligned). */
 VEIL_API VEIL_TGT void veil_oh_send(const uint8_t *leaves, const uint64_t *x, size_t n, size_t F, size_t nl,
                                     size_t c, uint64_t tweak, const uint8_t key[16], uint64_t *d,
-                                    uint64_t *acc, uint64_t *buf) {
-    __m128i rk[11];
-    veil_aes128_schedule(key, rk);
-    size_t nb = (c + 1) / 2;
-    for (size_t i = 0; i < n; i++) {
-        for (size_t j = 0; j < F; j++) {
-            veil_oh_prf(leaves + 16 * nl * (i * F + j), nl, nb, tweak, rk, buf);
-            uint64_t *dd = d + c * (i * F + j);
-            for (size_t q = 0; q < c; q++) dd[q] = x[i * c + q];
-            for (size_t l = 0; l < nl; l++) {
-                const uint64_t *v = buf + 2 * nb * l;
-                uint64_t *a = acc + c * (j * nl + l);
-                for (size_t q = 0; q < c; q++) {
-                    a[q] -= v[q];
-                    dd[q] += v[q];
-                }
-            }
-        }
-    }
+                                    uint64_t *acc, uint64_t *scratch) {
+    veil_oh_ctx cx = {0, leaves, NULL, x, d, n, F, nl, c, (c + 1) / 2, tweak, {0}, NULL, NULL};
+    veil_aes128_schedule(key, cx.rk);
+    cx.acc = (__m128i *)scratch;
+    cx.sum = cx.acc + F * nl * cx.nb;
+    veil_oh_pass(&cx);
+    veil_oh_out(&cx, acc);
 }
 
 /* Receiver (owner): leaves (n, F, nl, 16) with the leaf at b[i, j] unknown (any content),
- * b (n, F) int32 in [0, nl), d (n, F, c) the peer's corrections. acc (F, nl, c) += PRF_ijl for
- * l != b_ij and += d_ij - sum_{l != b_ij} PRF_ijl at l = b_ij. b selects through masks only. */
+ * b (n, F) int32 in [0, nl), d (n, F, c) the peer's corrections. acc (F, nl, c) = sum over rows of
+ * PRF_ijl for l != b_ij and of d_ij - sum_{l != b_ij} PRF_ijl at l = b_ij. b selects through masks
+ * only. scratch as for veil_oh_send. */
 VEIL_API VEIL_TGT void veil_oh_recv(const uint8_t *leaves, const int32_t *b, const uint64_t *d, size_t n,
                                     size_t F, size_t nl, size_t c, uint64_t tweak, const uint8_t key[16],
-                                    uint64_t *acc, uint64_t *buf, uint64_t *r) {
+                                    uint64_t *acc, uint64_t *scratch) {
+    veil_oh_ctx cx = {1, leaves, b, NULL, (uint64_t *)d, n, F, nl, c, (c + 1) / 2, tweak, {0}, NULL, NULL};
+    veil_aes128_schedule(key, cx.rk);
+    cx.acc = (__m128i *)scratch;
+    cx.sum = cx.acc + F * nl * cx.nb;
+    veil_oh_pass(&cx);
+    veil_oh_out(&cx, acc);
+}
+
+/* ---------------------------------------------------------------- GGM trees of the one-hot set-up */
+
+static inline uint64_t veil_eq_mask(uint64_t x, uint64_t y) { /* all ones iff x == y, no branch */
+    uint64_t diff = x ^ y;
+    return ((diff | ((uint64_t)0 - diff)) >> 63) - (uint64_t)1;
+}
+
+/* nxt[2p + beta] = MMO(cur[p] ^ C_beta), C_beta = (lo beta, hi 2^64 - 1), for p < width */
+VEIL_TGT static void veil_ggm_level(const __m128i *cur, __m128i *nxt, size_t width, const __m128i rk[11]) {
+    const __m128i c0 = _mm_set_epi64x(-1, 0), c1 = _mm_set_epi64x(-1, 1);
+    __m128i y[8], b[8];
+    for (size_t p0 = 0; p0 < width; p0 += 4) {
+        int np = width - p0 >= 4 ? 4 : (int)(width - p0);
+        for (int q = 0; q < np; q++) {
+            y[2 * q] = _mm_xor_si128(cur[p0 + q], c0);
+            y[2 * q + 1] = _mm_xor_si128(cur[p0 + q], c1);
+            b[2 * q] = y[2 * q];
+            b[2 * q + 1] = y[2 * q + 1];
+        }
+        if (np == 4)
+            veil_aes_n(b, 8, rk);
+        else
+            veil_aes_n(b, 2 * np, rk);
+        for (int q = 0; q < 2 * np; q++) nxt[2 * p0 + q] = _mm_xor_si128(b[q], y[q]);
+    }
+}
+
+/* Sender: roots (m, 16) -> the first `keep` of 2^depth leaves (m, keep, 16) and the XOR of the
+ * left / right children of every level (m, depth, 2, 16). scratch: 2 * 2^depth 16-byte vectors,
+ * 16-byte aligned. Equal to onehot.ggm_expand. */
+VEIL_API VEIL_TGT void veil_ggm_expand(const uint8_t *roots, size_t m, size_t depth, size_t keep,
+                                       const uint8_t key[16], uint8_t *leaves, uint8_t *sums, uint8_t *scratch) {
     __m128i rk[11];
     veil_aes128_schedule(key, rk);
-    size_t nb = (c + 1) / 2;
-    for (size_t i = 0; i < n; i++) {
-        for (size_t j = 0; j < F; j++) {
-            veil_oh_prf(leaves + 16 * nl * (i * F + j), nl, nb, tweak, rk, buf);
-            uint64_t bb = (uint64_t)(uint32_t)b[i * F + j];
-            const uint64_t *dd = d + c * (i * F + j);
-            for (size_t q = 0; q < c; q++) r[q] = 0;
-            for (size_t l = 0; l < nl; l++) {
-                uint64_t diff = (uint64_t)l ^ bb;
-                uint64_t keep = (uint64_t)0 - ((diff | ((uint64_t)0 - diff)) >> 63); /* ones iff l != b */
-                uint64_t *v = buf + 2 * nb * l;
-                for (size_t q = 0; q < c; q++) {
-                    v[q] &= keep;
-                    r[q] += v[q];
-                }
+    __m128i *bufa = (__m128i *)scratch, *bufb = bufa + ((size_t)1 << depth);
+    for (size_t r = 0; r < m; r++) {
+        __m128i *cur = bufa, *nxt = bufb;
+        cur[0] = _mm_loadu_si128((const __m128i *)(roots + 16 * r));
+        size_t width = 1;
+        for (size_t lev = 0; lev < depth; lev++) {
+            veil_ggm_level(cur, nxt, width, rk);
+            __m128i xl = _mm_setzero_si128(), xr = _mm_setzero_si128();
+            for (size_t p = 0; p < width; p++) {
+                xl = _mm_xor_si128(xl, nxt[2 * p]);
+                xr = _mm_xor_si128(xr, nxt[2 * p + 1]);
             }
-            for (size_t l = 0; l < nl; l++) {
-                uint64_t diff = (uint64_t)l ^ bb;
-                uint64_t here = ((diff | ((uint64_t)0 - diff)) >> 63) - (uint64_t)1; /* ones iff l == b */
-                const uint64_t *v = buf + 2 * nb * l;
-                uint64_t *a = acc + c * (j * nl + l);
-                for (size_t q = 0; q < c; q++) a[q] += v[q] + ((dd[q] - r[q]) & here);
-            }
+            _mm_storeu_si128((__m128i *)(sums + 32 * (r * depth + lev)), xl);
+            _mm_storeu_si128((__m128i *)(sums + 32 * (r * depth + lev) + 16), xr);
+            __m128i *t = cur;
+            cur = nxt;
+            nxt = t;
+            width *= 2;
         }
+        memcpy(leaves + 16 * keep * r, cur, 16 * keep);
+    }
+}
+
+/* Owner: every leaf but alpha (zeros there) from got (m, depth, 16), the peer's XOR of the side off
+ * the path at each level. The path only selects through masks (no branch, no index on alpha).
+ * Equal to onehot.ggm_punctured. scratch as for veil_ggm_expand. */
+VEIL_API VEIL_TGT void veil_ggm_punctured(const int32_t *alpha, const uint8_t *got, size_t m, size_t depth,
+                                          size_t keep, const uint8_t key[16], uint8_t *leaves,
+                                          uint8_t *scratch) {
+    __m128i rk[11];
+    veil_aes128_schedule(key, rk);
+    __m128i *bufa = (__m128i *)scratch, *bufb = bufa + ((size_t)1 << depth);
+    for (size_t r = 0; r < m; r++) {
+        __m128i *cur = bufa, *nxt = bufb;
+        cur[0] = _mm_setzero_si128(); /* the root is unknown */
+        size_t width = 1;
+        uint64_t path = 0, al = (uint64_t)(uint32_t)alpha[r];
+        for (size_t lev = 0; lev < depth; lev++) {
+            uint64_t a = (al >> (depth - 1 - lev)) & 1;
+            veil_ggm_level(cur, nxt, width, rk);
+            __m128i xl = _mm_setzero_si128(), xr = _mm_setzero_si128();
+            for (size_t p = 0; p < width; p++) { /* children of the unknown node are garbage: zero */
+                __m128i mp = _mm_set1_epi64x((long long)veil_eq_mask(p, path));
+                nxt[2 * p] = _mm_andnot_si128(mp, nxt[2 * p]);
+                nxt[2 * p + 1] = _mm_andnot_si128(mp, nxt[2 * p + 1]);
+                xl = _mm_xor_si128(xl, nxt[2 * p]);
+                xr = _mm_xor_si128(xr, nxt[2 * p + 1]);
+            }
+            /* off-path side s = 1 - a: XOR of its known children (right ones when a = 0) */
+            __m128i sa = _mm_set1_epi64x((long long)veil_eq_mask(a, 1));
+            __m128i off = _mm_or_si128(_mm_and_si128(sa, xl), _mm_andnot_si128(sa, xr));
+            __m128i val = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(got + 16 * (r * depth + lev))), off);
+            uint64_t target = 2 * path + (1 - a);
+            for (size_t q = 0; q < 2 * width; q++) {
+                __m128i mq = _mm_set1_epi64x((long long)veil_eq_mask(q, target));
+                nxt[q] = _mm_or_si128(_mm_andnot_si128(mq, nxt[q]), _mm_and_si128(mq, val));
+            }
+            path = 2 * path + a;
+            __m128i *t = cur;
+            cur = nxt;
+            nxt = t;
+            width *= 2;
+        }
+        memcpy(leaves + 16 * keep * r, cur, 16 * keep);
     }
 }
