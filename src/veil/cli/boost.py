@@ -302,7 +302,7 @@ def _train(**kw: Any) -> None:
         )
         Console().print(table)
         if kw["summary_json"] is not None:
-            Path(kw["summary_json"]).write_text(json.dumps(summary, indent=1))
+            atomic_write_text(kw["summary_json"], json.dumps(summary, indent=1))
     except BaseException as exc:
         _abort(ch, exc)
         raise

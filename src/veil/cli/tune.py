@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 
+from veil.atomic import atomic_write_text
 from veil.cli.common import run_cli
 from veil.errors import ConfigError, InputError
 
@@ -295,7 +296,7 @@ def client(
     _plot_losses({f"split k={cut_layer} ({'simulated ' if info.simulated else ''}TEE)": hist.losses}, plot)
     typer.echo(f"loss curve: {plot}")
     if out is not None:
-        out.write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out, json.dumps(summary, indent=2))
 
 
 def _plot_losses(curves: dict[str, list[float]], path: Path) -> None:

@@ -32,6 +32,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from veil.atomic import atomic_write_text
 from veil.demo._common import (
     DemoError,
     progress,
@@ -134,7 +135,7 @@ def party_main(role: str, cfg: dict[str, Any], events: Any) -> None:
         result["ok"] = True
     except BaseException as exc:  # reported to the demo process as text, never pickled
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    out.write_text(json.dumps(result))
+    atomic_write_text(out, json.dumps(result))
     if not result["ok"]:
         raise SystemExit(1)
 

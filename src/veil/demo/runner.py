@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from veil.atomic import atomic_write_text
 from veil.errors import VeilError
 
 ACTS: dict[int, tuple[str, str]] = {
@@ -67,7 +68,7 @@ def run_demo(acts: list[int], quick: bool, out_dir: Path, console: Console | Non
         console.print(f"Act {n} {status} in {res.seconds:.1f} s\n")
     _summary(results, console)
     payload = {"quick": quick, "acts": [asdict(r) for r in results]}
-    (out_dir / "demo.json").write_text(json.dumps(payload, indent=2, default=str))
+    atomic_write_text(out_dir / "demo.json", json.dumps(payload, indent=2, default=str))
     console.print(f"Results: {out_dir / 'demo.json'}")
     return results
 
