@@ -179,3 +179,65 @@ def test_local_input_error_reaches_peer_at_once():
     assert isinstance(seen["a"], BoostInputError)
     assert isinstance(seen["b"], PeerError) and "0 or 1" in str(seen["b"])
     assert time.monotonic() - t0 < 25  # not the 50 s channel timeout
+
+
+class _DieOnOneHotSetup:
+    """Channel proxy of a party that crashes when it would send its one-hot (GGM) corrections."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.stats = inner.stats
+        self.default_timeout = inner.default_timeout
+
+    def send(self, msg):
+        from veil.crypto.triples_ot import OtMsg
+
+        if isinstance(msg, OtMsg) and any(a.ndim == 3 and a.shape[1:] == (2, 16) for a in msg.arrays):
+            raise RuntimeError("simulated crash during the one-hot set-up")
+        self.inner.send(msg)
+
+    def recv(self, msg_type, timeout=None):
+        return self.inner.recv(msg_type, timeout=timeout)
+
+    def abort(self, reason):
+        self.inner.abort(reason)
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.mark.slow
+def test_peer_dies_during_dealer_free_onehot_setup_no_hang_no_model(tmp_path, cancer):
+    """Dealer-free ss-agg: a passive party that dies in the one-hot set-up (after the OT
+    extension started) stops the active party with a clear error; neither writes a model."""
+    xtr, _, ytr, _ = cancer
+    params = dict(n_estimators=2, max_depth=2, max_bin=4, algorithm="ss-agg")
+
+    def a(ch):
+        clf = SecureXGBClassifier("active", ch, triples="homomorphic", **params).fit(xtr[:, :15], ytr)
+        clf.save_model(tmp_path / "active.json")
+
+    def b(ch):
+        clf = SecureXGBClassifier("passive", _DieOnOneHotSetup(ch), triples="homomorphic", **params)
+        clf.fit(xtr[:, 15:])
+        clf.save_model(tmp_path / "passive.json")
+
+    seen: dict[str, BaseException] = {}
+
+    def wrap(name, fn):
+        def run(ch):
+            try:
+                return fn(ch)
+            except BaseException as exc:
+                seen[name] = exc
+                raise
+
+        return run
+
+    t0 = time.monotonic()
+    with pytest.raises((RuntimeError, VeilError)):
+        run_parties(wrap("a", a), wrap("b", b), timeout=60)
+    assert time.monotonic() - t0 < 60
+    assert "one-hot set-up" in str(seen.get("b"))
+    assert isinstance(seen.get("a"), (PeerError, ChannelError)), seen.get("a")
+    assert not list(tmp_path.iterdir())

@@ -23,11 +23,14 @@ route encrypts the peer's share once per row and level. Here the one-hot structu
   exactly ``sum_{i: b_ij = l} x_i + own`` (tested against the plaintext product). ``D_ij`` is
   masked by ``t_ij,b_ij``, the one PRF value the owner cannot compute.
 
-Both directions (each party owns some features) run in the same OT batch and the same message.
-Cost per call: ``n F L ceil(c/2)`` AES blocks per party and role and ``8 n F c`` bytes per
-direction; set-up ``n F d`` OTs of 16 bytes. The PRF runs in the native kernel
+Both directions (each party owns some features) run in the same OT batch and the same message
+(:meth:`OTExtension.exchange <veil.crypto.triples_ot.OTExtension.exchange>`). Cost per call:
+``n F L ceil(c/2)`` AES blocks per party and role and ``8 n F c`` bytes per direction; set-up
+``n F d`` OTs of 16 bytes. The PRF runs in the native kernel
 (:mod:`veil.crypto._native`, ``veil_oh_send`` / ``veil_oh_recv``) when it loads and passes a
-known-answer test against the numpy code here (the reference and fallback).
+known-answer test against the numpy code here (the reference and fallback). The GGM set-up is
+native too. The native code selects the owner's leaf and path through masks (no branch or index
+on its bins); the numpy fallback indexes by them (the owner's own data, not constant-time).
 Semi-honest, like the rest of :mod:`veil.crypto`'s dealer-free protocols.
 """
 
@@ -319,8 +322,8 @@ class OneHotProduct:
 
     def sums(self, x: U64) -> tuple[U64, U64]:
         """This party's shares of ``(M_0^T X, M_1^T X)`` ((F_h * L, c) each, feature-major) for its
-        share ``x`` (n, c) of ``X``. The owner's own share is bucket-summed by the caller's
-        :class:`OneHotSums` (plaintext, its own data) and added to the owner's result."""
+        share ``x`` (n, c) of ``X``. The owner adds the bucket sums of its own share, in plaintext
+        (:class:`OneHotSums`: its own data); the tweak is the call number, the same on both sides."""
         xs = np.ascontiguousarray(x, dtype=np.uint64)
         if xs.ndim != 2 or xs.shape[0] != self.n:
             raise ProtocolError(f"one-hot product: share must be ({self.n}, c), got {xs.shape}")
