@@ -366,7 +366,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
     ok = [r for r in runs if r.get("status") == "ok"]
 
     def cfg(r: dict[str, Any]) -> str:
@@ -380,16 +380,19 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         pts = sorted((r["rows"], r["seconds"]) for r in ok if series(r) == key)
         style = "--" if "grpc" in key[2] else "-"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle=style,
-                label=f"{key[0]} / {key[1]} ({key[2]})")
+                label=f"{key[0]} / {'dealer-free' if key[1] == 'homomorphic' else key[1]} ({key[2]})")
     # the targets at 50k rows x 40 features, 10 trees, depth 5
     for secs, what in ((120.0, "target with dealer"), (300.0, "target dealer-free")):
         ax.plot([50_000], [secs], marker="*", markersize=11, linestyle="none", color="black")
         ax.annotate(f"{what} ({secs:g} s)", (50_000, secs), textcoords="offset points", xytext=(8, -3),
                     fontsize=7)
     for c in sorted({cfg(r) for r in runs if "seconds_xgboost" in r}):
-        xg = sorted(
-            {(r["rows"], r["seconds_xgboost"]) for r in runs if "seconds_xgboost" in r and cfg(r) == c}
-        )
+        # one point per row count: the median over this file's runs (each run times xgboost again)
+        by_rows: dict[int, list[float]] = {}
+        for r in runs:
+            if "seconds_xgboost" in r and cfg(r) == c:
+                by_rows.setdefault(r["rows"], []).append(float(r["seconds_xgboost"]))
+        xg = sorted((rows, float(np.median(v))) for rows, v in by_rows.items())
         ax.plot(
             [p[0] for p in xg],
             [p[1] for p in xg],
@@ -401,9 +404,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("rows (40 features, 20/20)")
     ax.set_ylabel("training seconds")
-    ax.set_title("veil.boost training time vs rows (max_bin 16; 2-core machine under load)", fontsize=10)
+    ax.set_title("veil.boost training time vs rows (max_bin 16; 2-core machine, load per run in the JSON)",
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
