@@ -118,3 +118,17 @@ def test_fuzz_e2e_tampered_envelope_rejected(flip: int, x: int) -> None:
     except VeilError:
         return
     raise AssertionError(f"tampered envelope accepted: {body!r}")
+
+
+@pytest.mark.parametrize("shape", [[False], [True, 2], [1, True]])
+def test_v2_boolean_shape_is_a_client_error(shape: list[object]) -> None:
+    """Regression (fuzz campaign, 7 Dec): JSON true/false in 'shape' passed the int check (bool is
+    an int subclass) and numpy's reshape raised TypeError, a 500 through the gateway."""
+    import msgspec
+
+    from veil.serve.errors import InferenceInputError
+
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": shape, "data": [1.0, 2.0]}]}
+    body = msgspec.json.encode(doc)
+    with pytest.raises(InferenceInputError, match="shape must be a list of non-negative ints"):
+        v2.decode_request(body, None)

@@ -72,7 +72,11 @@ _enc = msgspec.json.Encoder()
 
 
 def _shape(v: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(v, list) or len(v) > 16 or not all(isinstance(d, int) and d >= 0 for d in v):
+    # bool is an int subclass in Python, but JSON true/false is not a dimension (numpy's reshape
+    # refuses it: found by the fuzz campaign as a 500 for "shape": [false])
+    if not isinstance(v, list) or len(v) > 16 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v
+    ):
         raise InferenceInputError(f"input {name!r}: shape must be a list of non-negative ints")
     n = 1
     for d in v:
