@@ -262,6 +262,45 @@ def test_gateway_slow_worker_yields_a_clean_504_within_the_bound(stack: Stack) -
         w2.stop()
 
 
+@pytest.mark.slow
+def test_gateway_timeout_fired_early_by_the_loop_is_still_a_504(stack: Stack, monkeypatch: Any) -> None:
+    """Regression (CI, 7 Dec): asyncio may fire a timeout up to its clock resolution before the
+    deadline; the gateway then read ``loop.time() < deadline``, marked the only replica unhealthy
+    and answered 503 "service unavailable" instead of the 504 of a spent budget. Here every
+    attempt's timeout fires 20 ms early: the answer must still be the clean 504."""
+    import asyncio
+
+    from veil.serve.gateway import app as gateway_mod
+    from veil.serve.gateway.app import Gateway, GatewayConfig
+
+    w2, srv2 = _second_worker(stack, "w-slow-early")
+    real = w2.runner.infer
+
+    def slow(*a: Any, **k: Any) -> Any:
+        time.sleep(1.5)
+        return real(*a, **k)
+
+    w2.runner.infer = slow  # type: ignore[method-assign]
+    real_timeout_at = asyncio.timeout_at
+    monkeypatch.setattr(gateway_mod.asyncio, "timeout_at", lambda when: real_timeout_at(when - 0.02))
+    gw = Gateway(GatewayConfig(workers=[srv2.url], request_timeout_s=0.5, poll_s=0.2, max_attempts=3))
+    srv = serve_in_thread(gateway_mod.create_app(gw))
+    try:
+        deadline = time.monotonic() + 20
+        while not any(r.healthy for r in gw.router.replicas.values()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with httpx.Client(timeout=20) as http:
+            r = http.post(f"{srv.url}/v2/models/{stack.model_name}/infer", json=_infer_body())
+        assert r.status_code == 504, r.text
+        assert r.json()["kind"] == "GatewayTimeout"
+    finally:
+        monkeypatch.undo()
+        srv.stop()
+        srv2.stop()
+        w2.stop()
+
+
 # ------------------------------------------------------------------------- stolen evidence
 
 

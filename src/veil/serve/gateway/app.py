@@ -230,8 +230,9 @@ class Gateway:
                 self.m_retries.inc()
             r.outstanding += 1
             t0 = time.perf_counter()
+            until = min(deadline, loop.time() + per_try)
             try:
-                async with asyncio.timeout_at(min(deadline, loop.time() + per_try)):
+                async with asyncio.timeout_at(until):
                     async with self.session.request(
                         method, r.url + path, data=body, headers=headers
                     ) as resp:
@@ -245,8 +246,11 @@ class Gateway:
             except TimeoutError:
                 r.failures += 1
                 last = f"replica {r.id} did not answer in time"
-                if loop.time() >= deadline:
-                    timed_out = True  # the request's budget is spent: a clean 504, no more tries
+                # the request's budget is spent: a clean 504, no more tries. The loop may fire the
+                # timeout up to its clock resolution early, so the bound that applied decides, not
+                # loop.time() alone (it could read just under the deadline: a 503 instead of a 504)
+                if until >= deadline or loop.time() >= deadline:
+                    timed_out = True
                     break
                 r.healthy = False  # a replica past its own deadline: try another in the time left
                 log.warning("request %s: %s; retrying on another replica", request_id, last)
