@@ -202,12 +202,12 @@ def run_one(
                 res_a.he_ops + res_b.he_ops, res_a.time_split.get("he", 0.0) + res_b.time_split.get("he", 0.0)
             ),
             "time_split": {
-                "he": round(res_a.time_split.get("he", 0.0), 2),
+                "he": round(ts_a.get("he", 0.0), 2),
                 # correlated randomness: triple-source calls (OT extension) + the one-hot product
                 "triples": round(ts_a.get("triples", 0.0) + ts_a.get("onehot", 0.0), 2),
                 "triples_of_which_onehot": round(ts_a.get("onehot", 0.0), 2),
-                "ss_rounds": round(res_a.time_split.get("ss_compute", 0.0), 2),
-                "network": round(res_a.time_split.get("network", 0.0), 2),
+                "ss_rounds": round(ts_a.get("ss_compute", 0.0), 2),
+                "network": round(ts_a.get("network", 0.0), 2),
             },
             "time_split_passive": {k: round(v, 2) for k, v in res_b.time_split.items()},
         }

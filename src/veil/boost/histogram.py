@@ -247,24 +247,33 @@ class OneHotAggregator(_Aggregator):
     Beaver matrix triple of ``n x F n_bins`` by ``n x c`` needs Gilboa OTs for every entry), so
     dealer-free ``ss-agg`` uses the one-hot structure of the owner's bucket matrix instead: one
     punctured PRF per (row, feature), set up once with ``ceil(log2 n_bins)`` OTs, then one
-    message of ``n x F x c`` masked values per level and direction. Both holders' sums come from
-    one :class:`~veil.crypto.onehot.OneHotProduct` (``shared``), in one exchange per level
-    (:func:`level_sums`).
+    message of ``n x F x c`` masked values per level and direction. Both holders' aggregators
+    share one :class:`~veil.crypto.onehot.OneHotProduct` (``shared``, which also holds the
+    owner's bins), and one exchange per level gives both holders' sums (:meth:`both`).
     """
 
-    shared: OneHotProduct | None = None
-
-    def _setup(self) -> None:
-        self.calls = 0
+    def __init__(
+        self, mpc: MPC, holder: int, shared: OneHotProduct, n_rows: int, n_features: int, n_bins: int,
+        stage: str, timing: _Timed,
+    ) -> None:
+        self.shared = shared
+        super().__init__(mpc, holder, None, n_rows, n_features, n_bins, stage, timing)
 
     def new_tree(self, columns: int, stage: str) -> None:
         """Nothing to prepare per tree (the PRF keys are set up once)."""
         self.stage = stage
 
+    def both(self, v: AShare) -> list[AShare]:
+        """Both holders' bucket sums of ``v`` (one exchange): ``[holder 0's, holder 1's]``."""
+        t0 = time.perf_counter()
+        s0, s1 = self.shared.sums(v.values)
+        self.timing.add("onehot", time.perf_counter() - t0)
+        return [AShare(s0, self.mpc.party, v.frac_bits), AShare(s1, self.mpc.party, v.frac_bits)]
+
     def sums(self, v: AShare) -> AShare:
-        """Shares of ``M^T v`` for this holder (both holders' sums are computed; use
-        :func:`level_sums` to get both from one call)."""
-        return level_sums_onehot(self.mpc, self.shared, v, self.timing)[self.holder]
+        """Shares of ``M^T v`` for this holder (both holders' sums are computed: :func:`level_sums`
+        gets both from one call)."""
+        return self.both(v)[self.holder]
 
 
 def build_onehot_aggs(
@@ -279,24 +288,10 @@ def build_onehot_aggs(
     t0 = time.perf_counter()
     shared = OneHotProduct(engine(), party, bins, n_rows, n_features, n_bins)
     timing.add("onehot", time.perf_counter() - t0)
-    aggs = []
-    for holder in (0, 1):
-        agg = OneHotAggregator(
-            mpc, holder, bins if holder == party else None, n_rows, n_features[holder], n_bins, stage, timing
-        )
-        agg.shared = shared
-        aggs.append(agg)
-    return aggs
-
-
-def level_sums_onehot(mpc: MPC, shared: OneHotProduct | None, v: AShare, timing: _Timed) -> list[AShare]:
-    """Both holders' bucket sums of ``v`` by the one-hot product (one exchange)."""
-    if shared is None:
-        raise BoostProtocolError("one-hot aggregator without its set-up")
-    t0 = time.perf_counter()
-    s0, s1 = shared.sums(v.values)
-    timing.add("onehot", time.perf_counter() - t0)
-    return [AShare(s0, mpc.party, v.frac_bits), AShare(s1, mpc.party, v.frac_bits)]
+    return [
+        OneHotAggregator(mpc, holder, shared, n_rows, n_features[holder], n_bins, stage, timing)
+        for holder in (0, 1)
+    ]
 
 
 class HEAggregator(_Aggregator):
@@ -457,7 +452,7 @@ def level_sums(aggs: list[Any], v: AShare) -> list[AShare]:
     the two parties' HE work overlaps instead of taking turns.
     """
     if isinstance(aggs[0], OneHotAggregator):
-        return level_sums_onehot(aggs[0].mpc, aggs[0].shared, v, aggs[0].timing)
+        return aggs[0].both(v)
     if not all(isinstance(a, HEAggregator) for a in aggs):
         return [agg.sums(v) for agg in aggs]
     party = aggs[0].mpc.party

@@ -50,7 +50,7 @@ from veil.crypto.mpc_ring import U8, U64
 from veil.crypto.random import random_bytes
 from veil.errors import ProtocolError
 
-__all__ = ["OneHotProduct", "OneHotSums", "ggm_expand", "ggm_punctured", "native_ok", "prf_recv", "prf_send"]
+__all__ = ["OneHotProduct", "OneHotSums", "ggm_expand", "ggm_punctured", "prf_recv", "prf_send"]
 
 log = logging.getLogger("veil.crypto")
 
@@ -207,11 +207,6 @@ def _native() -> Any:
         return _native_state[0]
 
 
-def native_ok() -> bool:
-    """Whether the one-hot PRF runs in the native kernel."""
-    return _native() is not None
-
-
 def _self_test(k: Any) -> bool:
     data = np.frombuffer(hashlib.shake_128(b"veil-onehot-selftest").digest(3 * 2 * 5 * 16 + 3 * 2 * 8 * 3),
                          dtype=np.uint8)
@@ -304,8 +299,8 @@ class OneHotProduct:
             else:
                 leaves, sums = ggm_expand(roots, d)
             flat = sums.reshape(n_send * d, 2, 16)
-            corr[: n_send * d, 0] = flat[:, 0] ^ m0[: n_send * d]
-            corr[: n_send * d, 1] = flat[:, 1] ^ m1[: n_send * d]
+            corr[:, 0] = flat[:, 0] ^ m0[: n_send * d]
+            corr[:, 1] = flat[:, 1] ^ m1[: n_send * d]
             self.send_leaves[r0:r1] = leaves[:, : self.nl].reshape(nr, self.f_peer, self.nl, 16)
         (peer,) = self.ot.exchange([corr], same_shape=False)
         if peer.dtype != np.uint8 or peer.shape != (n_recv * d, 2, 16):

@@ -294,6 +294,11 @@ VEIL_API VEIL_TGT void veil_ot_finish(const uint8_t *t_cols, const uint8_t *q_co
 
 /* ---------------------------------------------------------------- one-hot product (punctured PRF) */
 
+static inline uint64_t veil_eq_mask(uint64_t x, uint64_t y) { /* all ones iff x == y, no branch */
+    uint64_t diff = x ^ y;
+    return ((diff | ((uint64_t)0 - diff)) >> 63) - (uint64_t)1;
+}
+
 /* One pass over all (row, feature, leaf, block) PRF evaluations, 8 AES blocks in flight, each
  * 16-byte output (two ring elements) added to its bucket accumulator and to its (row, feature)
  * sum as one 128-bit vector. recv selects the role (public). Scratch: acc (F, nl, nb) and
@@ -338,7 +343,6 @@ VEIL_TGT static void veil_oh_pass(veil_oh_ctx *cx) {
     for (size_t t = 0; t < F * nl * nb; t++) cx->acc[t] = _mm_setzero_si128();
     __m128i bl[8], y[8], keep[8];
     size_t ai[8], si[8];
-    const __m128i ones = _mm_set1_epi32(-1);
     for (size_t i = 0; i < cx->n; i++) {
         for (size_t j = 0; j < F; j++)
             for (size_t k = 0; k < nb; k++)
@@ -349,9 +353,7 @@ VEIL_TGT static void veil_oh_pass(veil_oh_ctx *cx) {
             uint64_t bb = cx->recv ? (uint64_t)(uint32_t)cx->b[i * F + j] : ~(uint64_t)0;
             for (size_t l = 0; l < nl; l++) {
                 __m128i leaf = _mm_loadu_si128((const __m128i *)(lv + 16 * l));
-                uint64_t diff = (uint64_t)l ^ bb;
-                uint64_t k64 = (uint64_t)0 - ((diff | ((uint64_t)0 - diff)) >> 63); /* ones iff l != b */
-                __m128i kp = _mm_set1_epi64x((long long)k64);
+                __m128i kp = _mm_set1_epi64x((long long)~veil_eq_mask(l, bb)); /* ones iff l != b */
                 for (size_t k = 0; k < nb; k++) {
                     y[m] = _mm_xor_si128(leaf, _mm_set_epi64x((long long)cx->tweak, (long long)k));
                     bl[m] = y[m];
@@ -381,9 +383,7 @@ VEIL_TGT static void veil_oh_pass(veil_oh_ctx *cx) {
             uint64_t bb = (uint64_t)(uint32_t)cx->b[i * F + j];
             const uint64_t *dd = cx->d + c * (i * F + j);
             for (size_t l = 0; l < nl; l++) {
-                uint64_t diff = (uint64_t)l ^ bb;
-                uint64_t h64 = ((diff | ((uint64_t)0 - diff)) >> 63) - (uint64_t)1; /* ones iff l == b */
-                __m128i here = _mm_and_si128(_mm_set1_epi64x((long long)h64), ones);
+                __m128i here = _mm_set1_epi64x((long long)veil_eq_mask(l, bb)); /* ones iff l == b */
                 for (size_t k = 0; k < nb; k++) {
                     __m128i corr = _mm_sub_epi64(veil_oh_load(dd, k, c), cx->sum[j * nb + k]);
                     size_t a = (j * nl + l) * nb + k;
@@ -394,8 +394,14 @@ VEIL_TGT static void veil_oh_pass(veil_oh_ctx *cx) {
     }
 }
 
-/* acc (F, nl, c) uint64 from the (F, nl, nb) vectors */
-static void veil_oh_out(const veil_oh_ctx *cx, uint64_t *acc) {
+/* Both roles: key schedule, scratch layout, the pass, then acc (F, nl, c) uint64 from the
+ * (F, nl, nb) vectors. cx holds the role and the sizes; the rest is filled in here. */
+VEIL_TGT static void veil_oh_run(veil_oh_ctx *cx, const uint8_t key[16], uint64_t *acc, uint64_t *scratch) {
+    cx->nb = (cx->c + 1) / 2;
+    veil_aes128_schedule(key, cx->rk);
+    cx->acc = (__m128i *)scratch;
+    cx->sum = cx->acc + cx->F * cx->nl * cx->nb;
+    veil_oh_pass(cx);
     for (size_t g = 0; g < cx->F * cx->nl; g++)
         memcpy(acc + cx->c * g, (const uint64_t *)(cx->acc + cx->nb * g), 8 * cx->c);
 }
@@ -405,12 +411,9 @@ static void veil_oh_out(const veil_oh_ctx *cx, uint64_t *acc) {
 VEIL_API VEIL_TGT void veil_oh_send(const uint8_t *leaves, const uint64_t *x, size_t n, size_t F, size_t nl,
                                     size_t c, uint64_t tweak, const uint8_t key[16], uint64_t *d,
                                     uint64_t *acc, uint64_t *scratch) {
-    veil_oh_ctx cx = {0, leaves, NULL, x, d, n, F, nl, c, (c + 1) / 2, tweak, {0}, NULL, NULL};
-    veil_aes128_schedule(key, cx.rk);
-    cx.acc = (__m128i *)scratch;
-    cx.sum = cx.acc + F * nl * cx.nb;
-    veil_oh_pass(&cx);
-    veil_oh_out(&cx, acc);
+    veil_oh_ctx cx = {.recv = 0, .leaves = leaves, .x = x, .d = d, .n = n, .F = F, .nl = nl, .c = c,
+                      .tweak = tweak};
+    veil_oh_run(&cx, key, acc, scratch);
 }
 
 /* Receiver (owner): leaves (n, F, nl, 16) with the leaf at b[i, j] unknown (any content),
@@ -420,20 +423,12 @@ VEIL_API VEIL_TGT void veil_oh_send(const uint8_t *leaves, const uint64_t *x, si
 VEIL_API VEIL_TGT void veil_oh_recv(const uint8_t *leaves, const int32_t *b, const uint64_t *d, size_t n,
                                     size_t F, size_t nl, size_t c, uint64_t tweak, const uint8_t key[16],
                                     uint64_t *acc, uint64_t *scratch) {
-    veil_oh_ctx cx = {1, leaves, b, NULL, (uint64_t *)d, n, F, nl, c, (c + 1) / 2, tweak, {0}, NULL, NULL};
-    veil_aes128_schedule(key, cx.rk);
-    cx.acc = (__m128i *)scratch;
-    cx.sum = cx.acc + F * nl * cx.nb;
-    veil_oh_pass(&cx);
-    veil_oh_out(&cx, acc);
+    veil_oh_ctx cx = {.recv = 1, .leaves = leaves, .b = b, .d = (uint64_t *)d, .n = n, .F = F, .nl = nl,
+                      .c = c, .tweak = tweak};
+    veil_oh_run(&cx, key, acc, scratch);
 }
 
 /* ---------------------------------------------------------------- GGM trees of the one-hot set-up */
-
-static inline uint64_t veil_eq_mask(uint64_t x, uint64_t y) { /* all ones iff x == y, no branch */
-    uint64_t diff = x ^ y;
-    return ((diff | ((uint64_t)0 - diff)) >> 63) - (uint64_t)1;
-}
 
 /* nxt[2p + beta] = MMO(cur[p] ^ C_beta), C_beta = (lo beta, hi 2^64 - 1), for p < width */
 VEIL_TGT static void veil_ggm_level(const __m128i *cur, __m128i *nxt, size_t width, const __m128i rk[11]) {
