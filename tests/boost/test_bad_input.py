@@ -18,8 +18,9 @@ from veil.testing import run_parties
 P = BoostParams(n_estimators=2, max_depth=2, max_bin=4)
 
 
-def _both(fa, fb, timeout=60):
-    """Run both roles; return the exception each side saw (None if it succeeded)."""
+def _both(fa, fb, timeout=60, raises=VeilError):
+    """Run both roles; return the exception each side saw (None if it succeeded). ``raises``: what
+    ``run_parties`` must raise (a party's own crash may surface as itself, not a VeilError)."""
     seen: dict[str, BaseException | None] = {"a": None, "b": None}
 
     def wrap(name, fn):
@@ -33,7 +34,7 @@ def _both(fa, fb, timeout=60):
         return run
 
     t0 = time.monotonic()
-    with pytest.raises(VeilError):
+    with pytest.raises(raises):
         run_parties(wrap("a", fa), wrap("b", fb), timeout=timeout)
     assert time.monotonic() - t0 < timeout
     return seen
@@ -134,22 +135,7 @@ def test_peer_dies_mid_training_no_hang_no_model(tmp_path, cancer):
         clf = SecureXGBClassifier("passive", ch, triples=s1, progress=crash, **params).fit(xtr[:, 15:])
         clf.save_model(tmp_path / "passive.json")
 
-    seen: dict[str, BaseException] = {}
-
-    def wrap(name, fn):
-        def run(ch):
-            try:
-                return fn(ch)
-            except BaseException as exc:
-                seen[name] = exc
-                raise
-
-        return run
-
-    t0 = time.monotonic()
-    with pytest.raises((RuntimeError, VeilError)):
-        run_parties(wrap("a", a), wrap("b", b), timeout=60)
-    assert time.monotonic() - t0 < 60
+    seen = _both(a, b, raises=(RuntimeError, VeilError))
     assert isinstance(seen.get("a"), (PeerError, ChannelError))
     assert not list(tmp_path.iterdir())  # no model file on either side
 
@@ -222,22 +208,7 @@ def test_peer_dies_during_dealer_free_onehot_setup_no_hang_no_model(tmp_path, ca
         clf.fit(xtr[:, 15:])
         clf.save_model(tmp_path / "passive.json")
 
-    seen: dict[str, BaseException] = {}
-
-    def wrap(name, fn):
-        def run(ch):
-            try:
-                return fn(ch)
-            except BaseException as exc:
-                seen[name] = exc
-                raise
-
-        return run
-
-    t0 = time.monotonic()
-    with pytest.raises((RuntimeError, VeilError)):
-        run_parties(wrap("a", a), wrap("b", b), timeout=60)
-    assert time.monotonic() - t0 < 60
+    seen = _both(a, b, raises=(RuntimeError, VeilError))
     assert "one-hot set-up" in str(seen.get("b"))
     assert isinstance(seen.get("a"), (PeerError, ChannelError)), seen.get("a")
     assert not list(tmp_path.iterdir())

@@ -219,6 +219,27 @@ def test_gateway_times_out_a_hanging_worker(stack: Stack) -> None:
         w2.stop()
 
 
+def _slow_worker(stack: Stack, wid: str, seconds: float) -> tuple[Any, Any]:
+    """A second worker whose model takes ``seconds`` per request."""
+    w2, srv2 = _second_worker(stack, wid)
+    real = w2.runner.infer
+
+    def slow(*a: Any, **k: Any) -> Any:
+        time.sleep(seconds)
+        return real(*a, **k)
+
+    w2.runner.infer = slow  # type: ignore[method-assign]
+    return w2, srv2
+
+
+def _wait_healthy(gw: Any) -> None:
+    """Until the gateway has seen a healthy replica (20 s at most)."""
+    deadline = time.monotonic() + 20
+    while not any(r.healthy for r in gw.router.replicas.values()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 @pytest.mark.slow
 def test_gateway_slow_worker_yields_a_clean_504_within_the_bound(stack: Stack) -> None:
     """The only replica is slow (2 s per request): a gateway with request_timeout_s=0.8 answers a
@@ -226,23 +247,13 @@ def test_gateway_slow_worker_yields_a_clean_504_within_the_bound(stack: Stack) -
     from veil.serve.gateway.app import Gateway, GatewayConfig
     from veil.serve.gateway.app import create_app as gateway_app
 
-    w2, srv2 = _second_worker(stack, "w-slow")
-    real = w2.runner.infer
-
-    def slow(*a: Any, **k: Any) -> Any:
-        time.sleep(2.0)
-        return real(*a, **k)
-
-    w2.runner.infer = slow  # type: ignore[method-assign]
+    w2, srv2 = _slow_worker(stack, "w-slow", 2.0)
     gws = [Gateway(GatewayConfig(workers=[srv2.url], request_timeout_s=t, poll_s=0.2, max_attempts=3))
            for t in (0.8, 5.0)]
     srvs = [serve_in_thread(gateway_app(gw)) for gw in gws]
     try:
         for gw in gws:
-            deadline = time.monotonic() + 20
-            while not any(r.healthy for r in gw.router.replicas.values()):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            _wait_healthy(gw)
         with httpx.Client(timeout=20) as http:
             t0 = time.monotonic()
             r = http.post(f"{srvs[0].url}/v2/models/{stack.model_name}/infer", json=_infer_body())
@@ -273,23 +284,13 @@ def test_gateway_timeout_fired_early_by_the_loop_is_still_a_504(stack: Stack, mo
     from veil.serve.gateway import app as gateway_mod
     from veil.serve.gateway.app import Gateway, GatewayConfig
 
-    w2, srv2 = _second_worker(stack, "w-slow-early")
-    real = w2.runner.infer
-
-    def slow(*a: Any, **k: Any) -> Any:
-        time.sleep(1.5)
-        return real(*a, **k)
-
-    w2.runner.infer = slow  # type: ignore[method-assign]
+    w2, srv2 = _slow_worker(stack, "w-slow-early", 1.5)
     real_timeout_at = asyncio.timeout_at
     monkeypatch.setattr(gateway_mod.asyncio, "timeout_at", lambda when: real_timeout_at(when - 0.02))
     gw = Gateway(GatewayConfig(workers=[srv2.url], request_timeout_s=0.5, poll_s=0.2, max_attempts=3))
     srv = serve_in_thread(gateway_mod.create_app(gw))
     try:
-        deadline = time.monotonic() + 20
-        while not any(r.healthy for r in gw.router.replicas.values()):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_healthy(gw)
         with httpx.Client(timeout=20) as http:
             r = http.post(f"{srv.url}/v2/models/{stack.model_name}/infer", json=_infer_body())
         assert r.status_code == 504, r.text
